@@ -1,0 +1,177 @@
+"""Layers shared by every backbone: embedders, position embedding, adaLN modulation, final layer.
+
+Module and parameter names follow the reference DiT implementation, so its checkpoints load as-is
+(``x_embedder.proj``, ``t_embedder.mlp.{0,2}``, ``y_embedder.embedding_table``, ``adaLN_modulation.1``,
+``final_layer.{linear,adaLN_modulation.1}``).
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+import torch.nn as nn
+
+
+def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """adaLN: x [B, L, D] * (1 + scale [B, D]) + shift [B, D]."""
+    return x * (1 + scale.unsqueeze(1)) + shift.unsqueeze(1)
+
+
+def adaln_modulation(hidden_size: int, chunks: int) -> nn.Sequential:
+    """SiLU -> Linear(D, chunks * D): the per-block modulation of the condition vector."""
+    return nn.Sequential(nn.SiLU(), nn.Linear(hidden_size, chunks * hidden_size, bias=True))
+
+
+def to_2tuple(size: int | tuple[int, int]) -> tuple[int, int]:
+    return (size, size) if isinstance(size, int) else tuple(size)
+
+
+class PatchEmbed(nn.Module):
+    """Image [B, C, H, W] -> tokens [B, (H/p)*(W/p), D] in raster order, by a p x p strided conv."""
+
+    def __init__(self, input_size: int | tuple[int, int], patch_size: int, in_channels: int, hidden_size: int):
+        super().__init__()
+        height, width = to_2tuple(input_size)
+        if height % patch_size or width % patch_size:
+            raise ValueError(
+                f"input size {height}x{width} is not divisible by patch size {patch_size}; "
+                f"choose a patch size that divides both sides"
+            )
+        self.input_size = (height, width)
+        self.patch_size = patch_size
+        self.grid_size = (height // patch_size, width // patch_size)
+        self.num_patches = self.grid_size[0] * self.grid_size[1]
+        self.proj = nn.Conv2d(in_channels, hidden_size, kernel_size=patch_size, stride=patch_size, bias=True)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dim() != 4 or x.shape[-2:] != self.input_size or x.shape[1] != self.proj.in_channels:
+            raise ValueError(
+                f"expected input [B, {self.proj.in_channels}, {self.input_size[0]}, {self.input_size[1]}], "
+                f"got {list(x.shape)}"
+            )
+        return self.proj(x).flatten(2).transpose(1, 2)
+
+
+def sincos_1d(embed_dim: int, positions: np.ndarray) -> np.ndarray:
+    """[M] positions -> [M, embed_dim]: sin of half the frequencies, then cos."""
+    omega = 1.0 / 10000 ** (np.arange(embed_dim // 2, dtype=np.float64) / (embed_dim / 2.0))
+    angles = np.einsum("m,d->md", positions.reshape(-1).astype(np.float64), omega)
+    return np.concatenate([np.sin(angles), np.cos(angles)], axis=1)
+
+
+def sincos_2d(embed_dim: int, grid_size: int | tuple[int, int]) -> np.ndarray:
+    """Fixed 2D sin-cos position embedding [H*W, embed_dim] in raster order (DiT/MAE layout:
+    the first half encodes the column, the second half the row)."""
+    height, width = to_2tuple(grid_size)
+    cols, rows = np.meshgrid(np.arange(width, dtype=np.float32), np.arange(height, dtype=np.float32))
+    return np.concatenate([sincos_1d(embed_dim // 2, cols), sincos_1d(embed_dim // 2, rows)], axis=1)
+
+
+class TimestepEmbedder(nn.Module):
+    """Scalar timesteps [B] -> [B, D]: 256-d sinusoid -> Linear -> SiLU -> Linear."""
+
+    def __init__(self, hidden_size: int, frequency_embedding_size: int = 256):
+        super().__init__()
+        self.frequency_embedding_size = frequency_embedding_size
+        self.mlp = nn.Sequential(
+            nn.Linear(frequency_embedding_size, hidden_size, bias=True),
+            nn.SiLU(),
+            nn.Linear(hidden_size, hidden_size, bias=True),
+        )
+
+    @staticmethod
+    def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10000.0) -> torch.Tensor:
+        half = dim // 2
+        freqs = torch.exp(-math.log(max_period) * torch.arange(half, dtype=torch.float32, device=t.device) / half)
+        args = t.float()[:, None] * freqs[None]
+        embedding = torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
+        if dim % 2:
+            embedding = torch.cat([embedding, torch.zeros_like(embedding[:, :1])], dim=-1)
+        return embedding
+
+    def forward(self, t: torch.Tensor) -> torch.Tensor:
+        t_freq = self.timestep_embedding(t, self.frequency_embedding_size)
+        return self.mlp(t_freq.to(self.mlp[0].weight.dtype))
+
+
+class LabelEmbedder(nn.Module):
+    """Class labels [B] -> [B, D]. Row ``num_classes`` is the null class used for classifier-free
+    guidance; in training each label is replaced by it with probability ``dropout_prob``."""
+
+    def __init__(self, num_classes: int, hidden_size: int, dropout_prob: float):
+        super().__init__()
+        use_null_class = dropout_prob > 0
+        self.embedding_table = nn.Embedding(num_classes + use_null_class, hidden_size)
+        self.num_classes = num_classes
+        self.dropout_prob = dropout_prob
+
+    def token_drop(self, labels: torch.Tensor, force_drop_ids: torch.Tensor | None = None) -> torch.Tensor:
+        if force_drop_ids is None:
+            drop = torch.rand(labels.shape[0], device=labels.device) < self.dropout_prob
+        else:
+            drop = force_drop_ids == 1
+        return torch.where(drop, torch.full_like(labels, self.num_classes), labels)
+
+    def forward(self, labels: torch.Tensor, train: bool, force_drop_ids: torch.Tensor | None = None) -> torch.Tensor:
+        if labels.dim() != 1:
+            raise ValueError(f"class labels must be a 1-D tensor [B], got shape {list(labels.shape)}")
+        if (train and self.dropout_prob > 0) or force_drop_ids is not None:
+            labels = self.token_drop(labels, force_drop_ids)
+        return self.embedding_table(labels)
+
+
+class FinalLayer(nn.Module):
+    """LayerNorm -> adaLN (shift, scale) -> Linear(D, p*p*out_channels), zero-initialised."""
+
+    def __init__(self, hidden_size: int, patch_size: int, out_channels: int):
+        super().__init__()
+        self.norm_final = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
+        self.linear = nn.Linear(hidden_size, patch_size * patch_size * out_channels, bias=True)
+        self.adaLN_modulation = adaln_modulation(hidden_size, 2)
+
+    def forward(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+        shift, scale = self.adaLN_modulation(c).chunk(2, dim=1)
+        return self.linear(modulate(self.norm_final(x), shift, scale))
+
+    def zero_init(self) -> None:
+        for layer in (self.adaLN_modulation[-1], self.linear):
+            nn.init.zeros_(layer.weight)
+            nn.init.zeros_(layer.bias)
+
+
+def unpatchify(x: torch.Tensor, grid_size: tuple[int, int], patch_size: int, channels: int) -> torch.Tensor:
+    """Tokens [B, h*w, p*p*C] in raster order -> image [B, C, h*p, w*p]."""
+    h, w = grid_size
+    p = patch_size
+    x = x.reshape(x.shape[0], h, w, p, p, channels)
+    x = torch.einsum("nhwpqc->nchpwq", x)
+    return x.reshape(x.shape[0], channels, h * p, w * p)
+
+
+def init_dit_style(model: nn.Module) -> None:
+    """The reference DiT initialisation of the shared parts: xavier-uniform linears with zero bias,
+    the patch projection like a linear, N(0, 0.02) timestep MLP and label table, zeroed adaLN
+    modulations and final layer (adaLN-Zero)."""
+    for module in model.modules():
+        if isinstance(module, nn.Linear):
+            nn.init.xavier_uniform_(module.weight)
+            if module.bias is not None:
+                nn.init.zeros_(module.bias)
+    for module in model.modules():
+        if isinstance(module, PatchEmbed):
+            weight = module.proj.weight.data
+            nn.init.xavier_uniform_(weight.view(weight.shape[0], -1))
+            nn.init.zeros_(module.proj.bias)
+        elif isinstance(module, LabelEmbedder):
+            nn.init.normal_(module.embedding_table.weight, std=0.02)
+        elif isinstance(module, TimestepEmbedder):
+            nn.init.normal_(module.mlp[0].weight, std=0.02)
+            nn.init.normal_(module.mlp[2].weight, std=0.02)
+        elif isinstance(module, FinalLayer):
+            module.zero_init()
+    for name, module in model.named_modules():
+        if name.endswith("adaLN_modulation"):
+            nn.init.zeros_(module[-1].weight)
+            nn.init.zeros_(module[-1].bias)
