@@ -150,6 +150,18 @@ def unpatchify(x: torch.Tensor, grid_size: tuple[int, int], patch_size: int, cha
     return x.reshape(x.shape[0], channels, h * p, w * p)
 
 
+def token_masks_to_pixels(masks: torch.Tensor, grid_size: int | tuple[int, int], patch_size: int) -> torch.Tensor:
+    """Per-token route masks [R, B, h*w] (raster order over the patch grid) -> per-pixel masks
+    [R, B, h*p, w*p]: every pixel of a patch takes its token's value."""
+    h, w = to_2tuple(grid_size)
+    if masks.dim() != 3 or masks.shape[-1] != h * w:
+        raise ValueError(f"expected token masks [R, B, {h * w}] for a {h}x{w} grid, got {list(masks.shape)}")
+    routes, batch = masks.shape[:2]
+    p = patch_size
+    pixels = masks.reshape(routes, batch, h, 1, w, 1).expand(routes, batch, h, p, w, p)
+    return pixels.reshape(routes, batch, h * p, w * p)
+
+
 def init_dit_style(model: nn.Module) -> None:
     """The reference DiT initialisation of the shared parts: xavier-uniform linears with zero bias,
     the patch projection like a linear, N(0, 0.02) timestep MLP and label table, zeroed adaLN
