@@ -9,7 +9,7 @@ never routed.
 
 A backbone drives one :class:`RoutingPass` per forward::
 
-    routing = self.router.begin(x, routable=grid_positions, training=self.training)
+    routing = self.router.begin(routable=grid_positions, training=self.training)
     for i, block in enumerate(self.blocks):
         x = routing.enter(i, x)                      # route start: keep a random subset
         x = block(x, c, scan=routing.scan(order_i))  # scan layers read survivors in their own order
@@ -193,9 +193,10 @@ class RoutingPass:
         chosen = select_tokens(batch, routable.numel(), route.num_kept(routable.numel()), x.device, self.router.generator)
         keep = routable[chosen]
         if routable.numel() < length:
-            fixed = torch.ones(length, dtype=torch.bool, device=x.device)
-            fixed[routable] = False
-            fixed = fixed.nonzero().squeeze(1)
+            is_fixed = torch.ones(length, dtype=torch.bool, device=x.device)
+            is_fixed[routable] = False
+            # The fixed positions, ascending, without a data-dependent shape (so it runs on "meta" too).
+            fixed = is_fixed.long().argsort(descending=True, stable=True)[: length - routable.numel()].sort().values
             keep = torch.cat([fixed.expand(batch, -1), keep], dim=1)
         self.current = RouteState(route, x, keep)
         self._scan_cache.clear()

@@ -15,17 +15,18 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ssm_tread.diffusion.guidance import cfg_combine
 from ssm_tread.models.layers import (
     FinalLayer,
     LabelEmbedder,
     PatchEmbed,
     TimestepEmbedder,
     adaln_modulation,
+    check_conditioning,
+    guided_forward,
     init_dit_style,
     modulate,
+    route_pixel_masks,
     sincos_2d,
-    token_masks_to_pixels,
     unpatchify,
 )
 from ssm_tread.routing import RouteSpec, TokenRouter
@@ -162,12 +163,7 @@ class DiT(nn.Module):
         through route r of this pass (R = 0 when the pass did not route).
         """
         x = self.x_embedder(x) + self.pos_embed  # [B, N, D]
-        batch = x.shape[0]
-        if t.shape != (batch,) or y.shape != (batch,):
-            raise ValueError(
-                f"expected t and y of shape [{batch}] for a batch of {batch}, "
-                f"got t {list(t.shape)} and y {list(y.shape)}"
-            )
+        check_conditioning(x, t, y)
         c = self.t_embedder(t) + self.y_embedder(y, self.training)  # [B, D]
 
         routing = self.router.begin(training=self.training)
@@ -183,12 +179,8 @@ class DiT(nn.Module):
         x = unpatchify(x, self.grid_size, self.patch_size, self.out_channels)  # [B, out_channels, H, W]
         if not return_masks:
             return x
-        masks = routing.kept_masks()  # R x [B, N]
-        if masks:
-            token_masks = torch.stack(masks)  # [R, B, N]
-        else:
-            token_masks = torch.zeros(0, batch, self.x_embedder.num_patches, dtype=torch.bool, device=x.device)
-        return x, token_masks_to_pixels(token_masks, self.grid_size, self.patch_size)  # [R, B, H, W]
+        grid_positions = torch.arange(self.x_embedder.num_patches, device=x.device)
+        return x, route_pixel_masks(routing, grid_positions, self.grid_size, self.patch_size, x.shape[0])
 
     @staticmethod
     def _block_fp32(block: DiTBlock, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
@@ -214,12 +206,4 @@ class DiT(nn.Module):
         become ``uncond + cfg_scale * (cond - uncond)`` in both halves; the other channels keep each
         half's own output. ``guided_channels=3`` reproduces the reference DiT.
         """
-        if x.shape[0] % 2:
-            raise ValueError(f"forward_with_cfg needs an even batch [cond; uncond], got batch {x.shape[0]}")
-        channels = self.in_channels if guided_channels is None else guided_channels
-        half = x[: x.shape[0] // 2]
-        out = self.forward(torch.cat([half, half], dim=0), t, y)  # [B, out_channels, H, W]
-        cond_out, uncond_out = out.chunk(2, dim=0)
-        cond_guided = cfg_combine(cond_out, uncond_out, cfg_scale, channels)
-        uncond_guided = torch.cat([cond_guided[:, :channels], uncond_out[:, channels:]], dim=1)
-        return torch.cat([cond_guided, uncond_guided], dim=0)
+        return guided_forward(self, x, t, y, cfg_scale, guided_channels)
