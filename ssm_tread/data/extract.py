@@ -1,0 +1,130 @@
+"""Extract VAE posterior moments of an ImageFolder tree into latent shards (see latents.py for the format).
+
+Each image is ADM-centre-cropped to image_size, scaled to [-1, 1], and encoded with and without a
+horizontal flip; the posterior mean and std are stored in float16. Shards are independent: rank r of
+world_size processes shards r, r + world_size, ...; finished shards are skipped, so a run can be resumed.
+"""
+import hashlib
+import os
+
+import numpy as np
+import torch
+from PIL import Image
+from torch.utils.data import DataLoader, Dataset
+from torchvision.datasets.folder import IMG_EXTENSIONS
+
+from .latents import FORMAT, SCALE_FACTOR, index_path, latent_statistics, read_json, shard_problem, \
+    write_json, write_shard
+from .transforms import adm_center_crop
+
+VAE_HINT = ("download the Stable Diffusion VAE once, e.g.\n"
+            "  huggingface-cli download stabilityai/sd-vae-ft-ema --local-dir {path}\n"
+            "(a directory with config.json and diffusion_pytorch_model.safetensors)")
+
+
+def list_image_folder(root):
+    """ImageFolder layout root/<class>/<image> -> (classes sorted, [(relative path, label)] sorted)."""
+    if not os.path.isdir(root):
+        raise FileNotFoundError(f"image directory {root!r} does not exist (expected ImageFolder layout "
+                                f"root/<class name>/<image>, e.g. ImageNet's train/ folder)")
+    classes = sorted(d.name for d in os.scandir(root) if d.is_dir())
+    samples = []
+    for label, name in enumerate(classes):
+        for dirpath, _, files in sorted(os.walk(os.path.join(root, name), followlinks=True)):
+            for f in sorted(files):
+                if f.lower().endswith(IMG_EXTENSIONS):
+                    samples.append((os.path.relpath(os.path.join(dirpath, f), root), label))
+    if not samples:
+        raise FileNotFoundError(f"no images found under {root!r} (expected root/<class name>/<image> with one "
+                                f"of the extensions {', '.join(IMG_EXTENSIONS)})")
+    return classes, samples
+
+
+class CenterCropImages(Dataset):
+    """(relative path, label) list -> (image float [3, S, S] in [-1, 1], label)."""
+
+    def __init__(self, root, samples, image_size):
+        self.root, self.samples, self.image_size = root, samples, image_size
+
+    def __len__(self):
+        return len(self.samples)
+
+    def __getitem__(self, i):
+        path, label = self.samples[i]
+        with Image.open(os.path.join(self.root, path)) as image:
+            image = adm_center_crop(image.convert("RGB"), self.image_size)
+        x = torch.from_numpy(np.array(image)).permute(2, 0, 1).float() / 127.5 - 1  # [3, S, S]
+        return x, label
+
+
+def load_vae(path, device="cpu"):
+    """diffusers AutoencoderKL from a local directory (never downloads)."""
+    from diffusers import AutoencoderKL
+    if not os.path.isfile(os.path.join(path, "config.json")):
+        raise FileNotFoundError(f"no VAE at {path!r}: " + VAE_HINT.format(path=path))
+    return AutoencoderKL.from_pretrained(path, local_files_only=True).to(device).eval()
+
+
+def plan_index(classes, samples, vae, image_size, shard_size, image_root, vae_path):
+    """The extraction plan written to index.json: settings, classes, and the shards."""
+    down = 2 ** (len(vae.config.block_out_channels) - 1)
+    listing = "\n".join(f"{p}\t{y}" for p, y in samples).encode()
+    shards = [{"name": f"shard_{k:05d}", "start": start, "count": min(shard_size, len(samples) - start)}
+              for k, start in enumerate(range(0, len(samples), shard_size))]
+    index = {"format": FORMAT, "image_size": image_size, "scale_factor": SCALE_FACTOR,
+             "latent_shape": [vae.config.latent_channels, image_size // down, image_size // down],
+             "num_images": len(samples), "num_classes": len(classes), "classes": classes,
+             "shard_size": shard_size, "source": os.path.abspath(image_root), "vae": os.path.abspath(vae_path),
+             "files_sha256": hashlib.sha256(listing).hexdigest(), "shards": shards}
+    return index
+
+
+def write_or_check_index(out_dir, index):
+    """Write index.json, or check that an existing one (a run being resumed) has the same plan."""
+    path = index_path(out_dir)
+    if os.path.exists(path):
+        old = read_json(path)
+        keys = ["format", "image_size", "latent_shape", "shard_size", "num_images", "classes", "files_sha256"]
+        changed = [k for k in keys if old.get(k) != index[k]]
+        if changed:
+            raise ValueError(f"{out_dir} holds latents of a different extraction (differs in {', '.join(changed)}); "
+                             f"use another --out directory or delete this one")
+        return
+    write_json(path, index)
+
+
+@torch.no_grad()
+def encode_moments(vae, x):
+    """x [B, 3, S, S] in [-1, 1] -> float16 [B, 2 (image, flip), 2 (mean, std), C, h, w]."""
+    posterior = vae.encode(torch.cat([x, x.flip(-1)])).latent_dist
+    moments = torch.stack([posterior.mean, posterior.std], dim=1)  # [2B, 2, C, h, w]
+    return moments.unflatten(0, (2, len(x))).transpose(0, 1).half().cpu().numpy()
+
+
+def extract_latents(image_root, out_dir, vae_path, image_size=256, batch_size=32, shard_size=10000,
+                    rank=0, world_size=1, device=None, num_workers=4, progress=True):
+    """Extract this rank's unfinished shards. Returns the statistics dict once every shard is done, else None."""
+    from tqdm import tqdm
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    classes, samples = list_image_folder(image_root)
+    vae = load_vae(vae_path, device)
+    index = plan_index(classes, samples, vae, image_size, shard_size, image_root, vae_path)
+    os.makedirs(out_dir, exist_ok=True)
+    write_or_check_index(out_dir, index)
+    todo = [s for s in index["shards"][rank::world_size] if shard_problem(out_dir, s)]
+    bar = tqdm(total=sum(s["count"] for s in todo), desc=f"rank {rank}", unit="img", position=rank,
+               disable=not progress)
+    for shard in todo:
+        images = CenterCropImages(image_root, samples[shard["start"]:shard["start"] + shard["count"]], image_size)
+        loader = DataLoader(images, batch_size=batch_size, num_workers=num_workers,
+                            pin_memory=device.type == "cuda")
+        moments, labels = [], []
+        for x, y in loader:
+            moments.append(encode_moments(vae, x.to(device, non_blocking=True)))
+            labels.append(y.numpy())
+            bar.update(len(y))
+        write_shard(out_dir, shard["name"], np.concatenate(moments), np.concatenate(labels).astype(np.int64))
+    bar.close()
+    if any(shard_problem(out_dir, s) for s in index["shards"]):
+        return None
+    return latent_statistics(out_dir)

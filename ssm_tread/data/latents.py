@@ -1,0 +1,232 @@
+"""Pre-extracted VAE latent shards: the on-disk format, its verification, and the training dataset.
+
+A latent directory (written by tools/extract_latents.py) holds
+
+    index.json              the plan: settings, classes, and every shard's name, start and count
+    shard_00000.moments.npy float16 [n, 2, 2, C, h, w]: (image, its horizontal flip) x (posterior mean, std)
+    shard_00000.labels.npy  int64 [n]
+    shard_00000.json        the shard's record, written last: shapes, byte sizes, sha256 checksums, and
+                            per-channel sums for the latent statistics
+    stats.json              per-channel mean/std of the scaled latents, once every shard is done
+
+Every file is written atomically (temporary file + rename), so a shard is finished exactly when its record
+exists and its arrays have the recorded sizes.
+"""
+import bisect
+import hashlib
+import io
+import json
+import os
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+
+FORMAT = "ssm_tread-latents-v1"
+SCALE_FACTOR = 0.18215  # Stable Diffusion's latent scale
+
+
+def index_path(root):
+    return os.path.join(root, "index.json")
+
+
+def record_path(root, name):
+    return os.path.join(root, f"{name}.json")
+
+
+def array_path(root, name, kind):
+    return os.path.join(root, f"{name}.{kind}.npy")
+
+
+def write_atomic(path, data):
+    """Write bytes to path via a temporary file in the same directory and an atomic rename."""
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def write_json(path, obj):
+    write_atomic(path, json.dumps(obj, indent=1).encode())
+
+
+def read_json(path):
+    with open(path) as f:
+        return json.load(f)
+
+
+def save_array(root, name, kind, array):
+    """Save one shard array atomically; returns its entry for the shard record (with the sha256)."""
+    buf = io.BytesIO()
+    np.save(buf, array)
+    data = buf.getvalue()
+    write_atomic(array_path(root, name, kind), data)
+    return {"shape": list(array.shape), "dtype": str(array.dtype), "bytes": len(data),
+            "sha256": hashlib.sha256(data).hexdigest()}
+
+
+def write_shard(root, name, moments, labels):
+    """moments float16 [n, 2, 2, C, h, w], labels int64 [n] -> arrays, then the shard record (last)."""
+    m = moments.astype(np.float64)
+    mean, std = m[:, :, 0], m[:, :, 1]  # [n, 2, C, h, w]
+    sums = {"count": int(mean.size // mean.shape[2]),
+            "mean": mean.sum(axis=(0, 1, 3, 4)).tolist(),
+            "mean_sq": (mean ** 2).sum(axis=(0, 1, 3, 4)).tolist(),
+            "var": (std ** 2).sum(axis=(0, 1, 3, 4)).tolist()}
+    record = {"name": name, "count": len(labels),
+              "arrays": {"moments": save_array(root, name, "moments", moments),
+                         "labels": save_array(root, name, "labels", labels)},
+              "sums": sums}
+    write_json(record_path(root, name), record)
+    return record
+
+
+def shard_problem(root, shard):
+    """Cheap check (no reading of the data): None if the shard is finished, else what is wrong."""
+    name = shard["name"]
+    if not os.path.exists(record_path(root, name)):
+        return "not written (no record; extraction unfinished or interrupted)"
+    try:
+        record = read_json(record_path(root, name))
+    except (OSError, ValueError):
+        return "record unreadable"
+    for kind, entry in record["arrays"].items():
+        path = array_path(root, name, kind)
+        if not os.path.exists(path):
+            return f"{os.path.basename(path)} missing"
+        if os.path.getsize(path) != entry["bytes"]:
+            return f"{os.path.basename(path)} has {os.path.getsize(path)} bytes, expected {entry['bytes']} (truncated?)"
+    return None
+
+
+def file_sha256(path, chunk=1 << 24):
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def check_shard(root, shard, index):
+    """Full check of one shard: files, sizes, checksums, shapes, dtypes, finite values, label range."""
+    problem = shard_problem(root, shard)
+    if problem:
+        return problem
+    record = read_json(record_path(root, shard["name"]))
+    n, (c, h, w) = shard["count"], index["latent_shape"]
+    expected = {"moments": ((n, 2, 2, c, h, w), "float16"), "labels": ((n,), "int64")}
+    for kind, (shape, dtype) in expected.items():
+        path = array_path(root, shard["name"], kind)
+        if file_sha256(path) != record["arrays"][kind]["sha256"]:
+            return f"{os.path.basename(path)} checksum mismatch (corrupt)"
+        try:
+            arr = np.load(path, mmap_mode="r")
+        except ValueError as e:
+            return f"{os.path.basename(path)} unreadable ({e})"
+        if arr.shape != shape or str(arr.dtype) != dtype:
+            return f"{os.path.basename(path)} is {arr.dtype} {arr.shape}, expected {dtype} {shape}"
+        if kind == "moments" and not all(np.isfinite(arr[i:i + 256]).all() for i in range(0, n, 256)):
+            return f"{os.path.basename(path)} has non-finite values"
+        if kind == "labels" and n and not (0 <= arr.min() and arr.max() < index["num_classes"]):
+            return f"{os.path.basename(path)} has labels outside 0..{index['num_classes'] - 1}"
+    return None
+
+
+def read_index(root):
+    if not os.path.isfile(index_path(root)):
+        raise FileNotFoundError(
+            f"no latent index at {index_path(root)}: the latent directory {root!r} does not exist or was not "
+            f"written yet. Create it with\n  python tools/extract_latents.py --data /path/to/imagenet/train "
+            f"--out {root} --vae /path/to/sd-vae-ft-ema\n(under torchrun for several GPUs).")
+    index = read_json(index_path(root))
+    if index.get("format") != FORMAT:
+        raise ValueError(f"{index_path(root)} is not a {FORMAT} index (format={index.get('format')!r})")
+    return index
+
+
+def verify_shards(root, progress=True):
+    """Check every shard listed in the index. Returns {shard name: problem} (empty when all are good)."""
+    from tqdm import tqdm
+    index = read_index(root)
+    problems = {}
+    for shard in tqdm(index["shards"], desc="verify", unit="shard", disable=not progress):
+        problem = check_shard(root, shard, index)
+        if problem:
+            problems[shard["name"]] = problem
+    return problems
+
+
+def latent_statistics(root):
+    """Per-channel mean/std of the scaled latents 0.18215 * (mean + std * eps), over images and flips.
+
+    Uses the sums stored in the shard records: Var[z] = Var[mean] + E[std^2]. Also the std of the
+    posterior means alone. Written to stats.json; needs every shard finished.
+    """
+    index = read_index(root)
+    total = {"count": 0, "mean": 0.0, "mean_sq": 0.0, "var": 0.0}
+    for shard in index["shards"]:
+        sums = read_json(record_path(root, shard["name"]))["sums"]
+        for key in total:
+            total[key] = total[key] + np.asarray(sums[key], dtype=np.float64)
+    n, s = total["count"], index["scale_factor"]
+    mean = total["mean"] / n
+    var_means = np.maximum(total["mean_sq"] / n - mean ** 2, 0.0)
+    stats = {"scale_factor": s, "count_per_channel": int(n),
+             "mean": (s * mean).tolist(),
+             "std": (s * np.sqrt(var_means + total["var"] / n)).tolist(),
+             "std_of_posterior_means": (s * np.sqrt(var_means)).tolist()}
+    write_json(os.path.join(root, "stats.json"), stats)
+    return stats
+
+
+class LatentShardDataset(Dataset):
+    """Memory-mapped latent shards -> (latent float [C, h, w], label long), C x h x w = 4x32x32 for ImageNet-256.
+
+    Each item picks the image or its flip with p=0.5 (flip=True) and draws a fresh posterior sample
+    mean + std * eps (sample=True; else the mean), times scale_factor. Randomness comes from torch's global
+    generator (DataLoader workers get distinct seeds).
+    """
+
+    def __init__(self, root, flip=True, sample=True, scale_factor=SCALE_FACTOR):
+        self.root, self.flip, self.sample, self.scale_factor = root, flip, sample, scale_factor
+        index = read_index(root)
+        problems = {s["name"]: p for s in index["shards"] if (p := shard_problem(root, s))}
+        if problems:
+            listing = "\n".join(f"  {name}: {p}" for name, p in problems.items())
+            raise RuntimeError(
+                f"{len(problems)} latent shard(s) in {root} are missing or corrupt:\n{listing}\n"
+                f"Run `python tools/extract_latents.py --verify --out {root}` to check every shard, then re-run "
+                f"the extraction (it rewrites only unfinished shards; delete a corrupt shard's .json first).")
+        self.shards = index["shards"]
+        self.starts = [s["start"] for s in self.shards]
+        self.num_images = index["num_images"]
+        self.channels, self.image_size = index["latent_shape"][0], index["latent_shape"][1]
+        self.num_classes = index["num_classes"]
+        self.classes = index["classes"]
+        self._arrays = {}
+
+    def __len__(self):
+        return self.num_images
+
+    def __getstate__(self):  # memory maps are reopened in each DataLoader worker
+        return {**self.__dict__, "_arrays": {}}
+
+    def _open(self, k):
+        if k not in self._arrays:
+            name = self.shards[k]["name"]
+            self._arrays[k] = (np.load(array_path(self.root, name, "moments"), mmap_mode="r"),
+                               np.load(array_path(self.root, name, "labels"), mmap_mode="r"))
+        return self._arrays[k]
+
+    def __getitem__(self, i):
+        if not 0 <= i < self.num_images:
+            raise IndexError(i)
+        k = bisect.bisect_right(self.starts, i) - 1
+        moments, labels = self._open(k)
+        j = i - self.starts[k]
+        flip = int(self.flip and torch.rand(()) < 0.5)
+        mean, std = torch.from_numpy(np.asarray(moments[j, flip], dtype=np.float32))  # [2, C, h, w] -> 2x [C, h, w]
+        z = mean + std * torch.randn_like(std) if self.sample else mean
+        return z * self.scale_factor, torch.tensor(int(labels[j]), dtype=torch.long)

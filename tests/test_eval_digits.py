@@ -1,0 +1,73 @@
+"""The digits evaluator: shipped classifier weights, held-out accuracy, digits FID, determinism, errors."""
+import os
+
+import pytest
+import torch
+
+from ssm_tread.data import load_digits_tensors
+from ssm_tread.eval import DigitsEvaluator, DigitsFeatures, FeatureExtractor, compute_features, load_digits_classifier
+from ssm_tread.eval.digits import DEFAULT_WEIGHTS, holdout_split, train_digits_classifier
+
+
+@pytest.fixture(scope="module")
+def evaluator():
+    return DigitsEvaluator()
+
+
+def test_weights_shipped_and_small():
+    assert os.path.isfile(DEFAULT_WEIGHTS) and os.path.getsize(DEFAULT_WEIGHTS) < 2 * 1024 * 1024
+
+
+def test_heldout_accuracy():
+    model, metrics = load_digits_classifier()
+    x, y = load_digits_tensors()
+    _, test_idx = holdout_split(len(y), metrics["heldout"], metrics["seed"])
+    with torch.no_grad():
+        acc = (model(x[test_idx]).argmax(1) == y[test_idx]).double().mean().item()
+    assert len(test_idx) == 359 and acc > 0.9
+    assert acc == pytest.approx(metrics["heldout_accuracy"])
+
+
+def test_real_digits_score_well(evaluator):
+    x, y = load_digits_tensors()
+    r = evaluator.evaluate(x, y)
+    assert set(r) == {"fid", "accuracy"}
+    assert abs(r["fid"]) < 1e-2 and r["accuracy"] > 0.99
+    wrong = evaluator.evaluate(x, (y + 1) % 10)
+    assert wrong["accuracy"] < 0.05 and wrong["fid"] == pytest.approx(r["fid"], abs=1e-9)
+
+
+def test_noise_scores_badly(evaluator):
+    x, y = load_digits_tensors()
+    torch.manual_seed(0)
+    real = evaluator.evaluate(x[:600], y[:600])
+    noise = evaluator.evaluate(torch.rand(600, 1, 16, 16) * 2 - 1, y[:600])
+    blurred = evaluator.evaluate(x[:600] + 0.5 * torch.randn(600, 1, 16, 16), y[:600])
+    assert noise["accuracy"] < 0.3 and real["fid"] < blurred["fid"] < noise["fid"]
+
+
+def test_feature_extractor_interface():
+    extractor = DigitsFeatures()
+    assert isinstance(extractor, FeatureExtractor)
+    x, _ = load_digits_tensors()
+    feats = compute_features(extractor, [x[:100], x[100:150]], progress=False)
+    assert feats["features"].shape == (150, 64) and feats["logits"].shape == (150, 10)
+
+
+def test_bad_inputs(evaluator, tmp_path):
+    with pytest.raises(ValueError, match=r"\[N, 1, 16, 16\]"):
+        evaluator.evaluate(torch.zeros(4, 1, 8, 8), torch.zeros(4))
+    with pytest.raises(ValueError, match="label"):
+        evaluator.evaluate(torch.zeros(4, 1, 16, 16), torch.zeros(3))
+    with pytest.raises(FileNotFoundError, match="train_digits_classifier.py"):
+        DigitsEvaluator(weights=str(tmp_path / "none.pt"))
+
+
+def test_training_is_deterministic():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny convolutions: one thread is ~5x faster, as in the training tool
+    a, ma = train_digits_classifier(epochs=1, seed=3, log=None)
+    b, mb = train_digits_classifier(epochs=1, seed=3, log=None)
+    torch.set_num_threads(threads)
+    assert ma == mb
+    assert all(torch.equal(a.state_dict()[k], b.state_dict()[k]) for k in a.state_dict())
