@@ -6,15 +6,6 @@ import torch
 from ssm_tread.diffusion import FlowMatching, create_diffusion
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """The tensors here are tiny; thread start-up dominates on a busy machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 class GaussianDataVelocity:
     """E[x - noise | x_t] for data ~ N(mean, std^2) and x_t = t x + (1 - t) noise; the model sees 1000 t."""
 

@@ -18,15 +18,6 @@ from ssm_tread.diffusion import (
 T = 1000
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """The tensors here are tiny; thread start-up dominates on a busy machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def reference_alphas_cumprod():
     """DiT's schedule written out: betas 1e-4 + k * (0.02 - 1e-4) / 999, running product of 1 - beta."""
     abar, out = 1.0, []

@@ -9,29 +9,9 @@ import torch.nn as nn
 
 from ssm_tread.models.dim import DIM_CONFIGS, DiM
 from ssm_tread.scans import scan_order
+from helpers import Probe
 
 NUM_CLASSES = 10
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny matmuls on a shared CPU run far faster on one thread."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-class Probe(nn.Module):
-    """Stands in for Mamba: records the tokens it reads; outputs zeros."""
-
-    def __init__(self, d_model, **kwargs):
-        super().__init__()
-        self.seen = []
-
-    def forward(self, x):
-        self.seen.append(x.detach().clone())
-        return torch.zeros_like(x)
 
 
 def tiny(**overrides):

@@ -14,31 +14,11 @@ import ssm_tread.routing as routing_module
 from ssm_tread.models.dim import DiM
 from ssm_tread.models.zigma import ZigMa
 from ssm_tread.scans import dim_schedule, scan_order, zigma_schedule
+from helpers import Probe
 
 NUM_CLASSES = 10
 INPUT = 16  # 16x16 input, patch 2: an 8x8 grid (64 image tokens)
 GRID = 8
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny matmuls on a shared CPU run far faster on one thread."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-class Probe(nn.Module):
-    """Stands in for Mamba: records the tokens it reads, in the order it reads them; outputs zeros."""
-
-    def __init__(self, d_model, **kwargs):
-        super().__init__()
-        self.seen = []
-
-    def forward(self, x):
-        self.seen.append(x.detach().clone())
-        return torch.zeros_like(x)
 
 
 def build(family, routes=None, depth=None, scan_consistent=True, mixer_cls=None, hidden_size=16):
