@@ -1,0 +1,88 @@
+"""Every config key with its default: the ImageNet-256 DiT protocol (REFERENCE.md section 7).
+
+Experiment files start with `from base import *` and change a few keys; the command line changes
+more with dotted overrides: `python tools/train.py configs/dit_b2.py train.steps=1000 optim.lr=2e-4`.
+"""
+
+model = dict(
+    name="DiT-XL/2",          # create_model name: DiT-{S,B,L,XL}/{2,4,8}, DiM-{L,H}/2, ZigMa-{S,B,M,L,H}/{1,2},
+                              # or a family name ("DiT", "DiM", "ZigMa") built from kwargs
+    kwargs={},                # more create_model keywords: hidden_size, depth, patch_size, ...
+    learn_sigma=True,         # output 2*C channels: noise + variance interpolation (DDPM hybrid loss)
+    class_dropout_prob=0.1,   # label dropout that trains the null class for classifier-free guidance
+)
+
+routing = dict(
+    routes=[],                # TREAD routes [(start, end, ratio), ...]; blocks numbered from 0, end inclusive
+    scan_consistent=True,     # scan layers read survivors in their own scan order (False: selection order)
+    loss="full",              # "full": loss over every token; "routed": TREAD v1 loss over routed tokens
+)
+
+diffusion = dict(
+    objective="ddpm",         # "ddpm" (1000 linear-beta steps) or "flow" (linear interpolant, velocity)
+    kwargs={},                # more create_diffusion keywords
+)
+
+data = dict(
+    name="latents",           # "latents" (pre-extracted VAE latents, 4x32x32) or "digits" (1x16x16)
+    root="data/imagenet256_latents",  # the latent shards (latents only)
+    kwargs={},                # more build_dataset keywords
+    num_workers=4,            # data-loader worker processes per rank
+)
+
+optim = dict(
+    lr=1e-4,
+    weight_decay=0.0,
+    betas=(0.9, 0.999),
+    eps=1e-8,
+    warmup_steps=0,           # linear warm-up from 0
+    schedule="constant",      # "constant" or "cosine" (from lr to min_lr over train.steps)
+    min_lr=0.0,
+    grad_clip=0.0,            # max gradient norm; 0 turns clipping off
+)
+
+train = dict(
+    steps=400_000,            # optimizer steps
+    batch_size=256,           # global batch: per-rank micro-batch x ranks x grad_accum
+    grad_accum=1,
+    ema_decay=0.9999,
+    seed=0,
+    precision="bf16",         # autocast on CUDA: "bf16" or "fp32" (CPU always runs fp32)
+    tf32=True,                # TF32 matmuls and convolutions on CUDA
+    compile=False,            # torch.compile the model
+    fsdp=False,               # shard parameters, gradients and optimizer state (FSDP) instead of DDP
+    run_dir="",               # empty: runs/<config file name>
+    resume="none",            # "none", "auto" (newest checkpoint of run_dir, if any) or a checkpoint path
+    overwrite=False,          # a fresh run may replace the checkpoints of an earlier run in run_dir
+    ckpt_every=10_000,
+    keep_last=2,              # checkpoints kept besides milestones
+    keep_every=50_000,        # milestone checkpoints kept for good; 0: none
+)
+
+log = dict(
+    every=100,                # steps between metric lines (TensorBoard, metrics.jsonl)
+    tensorboard=True,
+    progress=True,            # tqdm bar on rank 0
+    grid_every=10_000,        # steps between sample grids of the EMA model; 0: none
+)
+
+sample = dict(
+    sampler=None,             # None: the diffusion's default sampler
+    steps=None,               # None: the sampler's default number of steps
+    cfg_scale=1.0,            # classifier-free guidance scale; 1 turns it off
+    interval=None,            # guidance interval (lo, hi) in the diffusion's time units; None: everywhere
+    guided_channels=None,     # guide only the first channels (3 reproduces the reference DiT)
+    routing_guidance=None,    # TREAD routing guidance, see ssm_tread.diffusion.guidance.Guidance
+    use_ema=True,             # sample with the EMA weights
+    batch_size=32,            # per rank
+    vae="pretrained/sd-vae-ft-ema",  # local copy of stabilityai/sd-vae-ft-ema (latent models)
+    grid_classes=[207, 360, 387, 974, 88, 979, 417, 279],  # rows of the sample grids
+    grid_per_class=8,         # samples of each class in the sample grids
+    grid_cols=0,              # grid columns; 0: grid_per_class (one row per class)
+    seed=0,
+)
+
+eval = dict(
+    num_samples=0,            # digits only: FID and class accuracy of this many samples after training
+    weights=None,             # DigitsEvaluator weights (None: its default)
+)

@@ -1,0 +1,159 @@
+"""Plain Python config files, dotted command-line overrides, and the resolved config of a run.
+
+A config file defines one dict per group (``model``, ``routing``, ``diffusion``, ``data``, ``optim``,
+``train``, ``log``, ``sample``, ``eval``). ``configs/base.py`` holds every key with its default; an
+experiment file starts with ``from base import *`` (or imports another experiment) and changes a few
+keys. Imports in a config file resolve against the file's own directory, then the project's configs/,
+and are re-executed on every load, so one load never sees another's edits.
+
+Overrides are ``group.key=value`` strings, typed by the value they replace (``optim.lr=2e-4``,
+``train.steps=20``, ``routing.routes=[(2,8,0.5)]``). Keys inside a dict-valued key may be set or added
+(``model.kwargs.depth=9``) and take a Python literal.
+"""
+from __future__ import annotations
+
+import ast
+import copy
+import difflib
+import json
+import os
+import runpy
+import sys
+from pathlib import Path
+
+GROUPS = ("model", "routing", "diffusion", "data", "optim", "train", "log", "sample", "eval")
+DEFAULT_BASE = Path(__file__).resolve().parents[2] / "configs" / "base.py"
+
+
+class ConfigError(ValueError):
+    """A config that cannot be used; the message names the key and the fix."""
+
+
+def _exec_config(path: Path) -> dict:
+    """Run a config file with its own directory, then the project's configs/, importable.
+
+    The modules it imports from there are loaded fresh and forgotten afterwards.
+    """
+    folders = list(dict.fromkeys([str(path.parent), str(DEFAULT_BASE.parent)]))
+    siblings = {p.stem for folder in folders for p in Path(folder).glob("*.py")}
+    stashed = {name: sys.modules.pop(name) for name in siblings if name in sys.modules}
+    sys.path[:0] = folders
+    try:
+        namespace = runpy.run_path(str(path))
+    finally:
+        for folder in folders:
+            sys.path.remove(folder)
+        for name in siblings:
+            sys.modules.pop(name, None)
+        sys.modules.update(stashed)
+    return namespace
+
+
+def _groups(namespace: dict, path: Path) -> dict:
+    public = {k: v for k, v in namespace.items() if not k.startswith("_") and not callable(v)
+              and type(v).__name__ != "module"}
+    for name in public:
+        if name not in GROUPS:
+            hint = difflib.get_close_matches(name, GROUPS, n=1)
+            raise ConfigError(f"{path}: unknown config group {name!r}"
+                              + (f"; did you mean {hint[0]!r}?" if hint else f"; groups are {', '.join(GROUPS)}"))
+    missing = [g for g in GROUPS if g not in public]
+    if missing:
+        raise ConfigError(f"{path}: missing config groups {missing}; start the file with `from base import *`")
+    return {g: copy.deepcopy(public[g]) for g in GROUPS}
+
+
+def dotted_keys(cfg: dict) -> list[str]:
+    return [f"{g}.{k}" for g in cfg for k in cfg[g]]
+
+
+def _unknown_key(key: str, schema: dict) -> ConfigError:
+    hint = difflib.get_close_matches(key, dotted_keys(schema), n=1, cutoff=0.5)
+    fix = f"did you mean {hint[0]!r}?" if hint else "see configs/base.py for every key"
+    return ConfigError(f"unknown config key {key!r}; {fix}")
+
+
+def check_keys(cfg: dict, schema: dict) -> None:
+    """Every ``group.key`` of ``cfg`` must exist in ``schema`` (the base config)."""
+    for group, values in cfg.items():
+        for key in values:
+            if key not in schema[group]:
+                raise _unknown_key(f"{group}.{key}", schema)
+
+
+def parse_value(text: str, current, key: str = "value"):
+    """``text`` as the type of ``current``: bool, int, float, str, or a Python literal for the rest."""
+    try:
+        if isinstance(current, bool):
+            lowered = text.lower()
+            if lowered not in ("true", "false", "1", "0", "yes", "no"):
+                raise ValueError(text)
+            return lowered in ("true", "1", "yes")
+        if isinstance(current, int):
+            return int(text)
+        if isinstance(current, float):
+            return float(text)
+        if isinstance(current, str):
+            return text
+        if current is None:
+            try:
+                return ast.literal_eval(text)
+            except (ValueError, SyntaxError):
+                return text
+        value = ast.literal_eval(text)
+    except (ValueError, SyntaxError):
+        raise ConfigError(f"{key}={text!r}: expected {type(current).__name__} like {current!r}") from None
+    if isinstance(current, (list, tuple)) and isinstance(value, (list, tuple)):
+        return type(current)(value)
+    if type(value) is not type(current):
+        raise ConfigError(f"{key}={text!r}: expected {type(current).__name__} like {current!r}")
+    return value
+
+
+def apply_overrides(cfg: dict, overrides: list[str]) -> dict:
+    """Apply ``group.key=value`` strings in place; returns ``cfg``."""
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r} is not of the form group.key=value (e.g. train.steps=100)")
+        key, text = item.split("=", 1)
+        parts = key.strip().split(".")
+        if len(parts) < 2 or parts[0] not in cfg or parts[1] not in cfg[parts[0]]:
+            raise _unknown_key(key, cfg)
+        node = cfg[parts[0]]
+        for depth, part in enumerate(parts[1:-1], start=1):
+            if not isinstance(node.get(part), dict):
+                raise ConfigError(f"{key}: {'.'.join(parts[:depth + 1])} is not a dict")
+            node = node[part]
+        last = parts[-1]
+        node[last] = parse_value(text, node[last], key) if last in node else parse_value(text, None, key)
+    return cfg
+
+
+def load_config(path: str | os.PathLike, overrides: list[str] = ()) -> dict:
+    """Load a config file, check its keys against the base config next to it, apply overrides.
+
+    The result is a plain dict of group dicts, with ``_name`` (the file's stem) and ``_path``.
+    """
+    path = Path(path).resolve()
+    if not path.is_file():
+        raise ConfigError(f"config file {str(path)!r} not found; pass a file such as configs/quickstart.py")
+    base_path = path.parent / "base.py" if (path.parent / "base.py").is_file() else DEFAULT_BASE
+    schema = _groups(_exec_config(base_path), base_path)
+    cfg = _groups(_exec_config(path), path)
+    check_keys(cfg, schema)
+    apply_overrides(cfg, list(overrides))
+    cfg["_name"] = path.stem
+    cfg["_path"] = str(path)
+    return cfg
+
+
+def to_json(cfg: dict) -> str:
+    return json.dumps(cfg, indent=2, sort_keys=False, default=repr)
+
+
+def save_config(cfg: dict, path: str | os.PathLike) -> None:
+    """Write the resolved config as JSON (atomically)."""
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(to_json(cfg) + "\n")
+    os.replace(tmp, path)
