@@ -214,3 +214,19 @@ def test_cli_reports_a_bad_key_without_a_traceback():
     assert done.returncode == 1
     assert "error: unknown config key 'train.step'; did you mean 'train.steps'?" in done.stderr
     assert "Traceback" not in done.stderr
+
+
+def test_weight_decay_skips_biases_norms_and_ssm_parameters():
+    from ssm_tread.models import create_model
+    from ssm_tread.train.trainer import parameter_groups
+
+    model = create_model("ZigMa", input_size=8, patch_size=2, in_channels=1, hidden_size=16, depth=2,
+                         num_classes=3, learn_sigma=False, d_state=4)
+    decay, no_decay = parameter_groups(model, 0.03)
+    assert decay["weight_decay"] == 0.03 and no_decay["weight_decay"] == 0.0
+    names = {id(p): n for n, p in model.named_parameters()}
+    skipped = {names[id(p)] for p in no_decay["params"]}
+    decayed = {names[id(p)] for p in decay["params"]}
+    assert {"blocks.0.mixer.A_log", "blocks.0.mixer.D", "blocks.1.norm.weight", "blocks.0.mixer.dt_proj.bias"} <= skipped
+    assert {"blocks.0.mixer.in_proj.weight", "blocks.0.mixer.x_proj.weight", "blocks.1.mixer.out_proj.weight"} <= decayed
+    assert "pos_embed" not in decayed | skipped  # fixed, not trained

@@ -225,6 +225,16 @@ def find_resume(cfg: dict, ckpt_dir: Path) -> Path | None:
     return None
 
 
+def parameter_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
+    """AdamW groups: weight decay on weight matrices and kernels; none on biases, norm gains and
+    parameters marked ``_no_weight_decay`` (Mamba's A_log and D)."""
+    decay, no_decay = [], []
+    for p in model.parameters():
+        if p.requires_grad:
+            (no_decay if p.dim() < 2 or getattr(p, "_no_weight_decay", False) else decay).append(p)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
 def train(cfg: dict) -> dict:
     """Train as ``cfg`` says; returns a summary (run_dir, step, last checkpoint, final eval metrics)."""
     from accelerate import Accelerator
@@ -270,8 +280,8 @@ def train(cfg: dict) -> dict:
     model = create_model(model_name, **model_kwargs).to(device)
     ema = EMA(model, tc["ema_decay"])
     diffusion = create_diffusion(cfg["diffusion"]["objective"], **cfg["diffusion"]["kwargs"])
-    optimizer = torch.optim.AdamW(model.parameters(), lr=oc["lr"], betas=tuple(oc["betas"]), eps=oc["eps"],
-                                  weight_decay=oc["weight_decay"])
+    optimizer = torch.optim.AdamW(parameter_groups(model, oc["weight_decay"]), lr=oc["lr"],
+                                  betas=tuple(oc["betas"]), eps=oc["eps"])
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, oc, tc["steps"]))
     macs = count_macs(model, routed=True)
 
