@@ -2,10 +2,30 @@
 
     python tools/benchmark.py scan        # selective-scan backends side by side: batch 2, E=768, N=16, L=256
     python tools/benchmark.py scan --backends torch mamba_ssm --batch 8 --channels 2048 --length 1024 --device cuda
+
+    # training steps with and without TREAD, interleaved; Markdown + JSON + plot (and the router's overhead)
+    python tools/benchmark.py step --configs dit-b2 zigma-s2 dim-s2 --threads 1 --repeats 5 --peak-tflops measure \\
+        --out docs/results/bench_step_cpu --plot docs/figures/bench_step_cpu.png
+    python tools/benchmark.py step --configs "model=DiT-S/2,batch=8" --device cuda --precision bf16 --peak-tflops 989
+
+    # the router's own cost (selection + gather + scatter + restricted scan orders) as a share of a step
+    python tools/benchmark.py router --configs dit-b2 zigma-s2 dim-s2 --threads 1
+
+    # where the time goes: operator self time of one step per mode (torch.profiler)
+    python tools/benchmark.py profile --configs zigma-s2 --threads 1 --out docs/results/bench_profile_cpu
+
+    # the digits convergence study (resumable; several workers share the runs), then its table and plots
+    python tools/benchmark.py study configs/study_digits.py --out docs/results/study --workers 2
+    python tools/benchmark.py study configs/study_digits.py --out docs/results/study --report-only
+
+A step config is a preset (dit-b2, zigma-s2, dim-s2, dit-tiny, zigma-tiny, dim-tiny) or key=value pairs:
+model=NAME (create_model), batch=N, route=START:END:RATIO (";" between routes; default 2 -> depth-4 at 0.5),
+objective=ddpm|flow, precision=fp32|bf16, label=TEXT, and any model override (hidden_size=384, depth=25, ...).
 """
 
 import argparse
 import os
+import shlex
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -23,6 +43,154 @@ def scan(args):
     print(scan_table(times))
 
 
+def _command() -> str:
+    return "python tools/benchmark.py " + " ".join(shlex.quote(a) for a in sys.argv[1:])
+
+
+def _setup_threads(args):
+    import torch
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+
+
+def _configs(args):
+    from ssm_tread.benchmark import parse_config
+
+    configs = [parse_config(spec) for spec in args.configs]
+    if args.batch:
+        for config in configs:
+            config.batch_size = args.batch
+    if args.precision:
+        for config in configs:
+            config.precision = args.precision
+    return configs
+
+
+def step(args):
+    import torch
+
+    from ssm_tread import benchmark as bench
+
+    _setup_threads(args)
+    device = torch.device(args.device)
+    peak = None
+    meta = bench.environment(device)
+    peak_cpu = None
+    if args.peak_tflops == "measure":
+        rates = bench.measure_matmul_tflops(device, dtype=torch.bfloat16 if args.precision == "bf16" else torch.float32)
+        peak, peak_cpu = rates["wall"], rates["cpu"]
+        meta["peak_source"] = "measured: best dense matmul (2048^3) on this device with these threads"
+        print(f"device peak for MFU: {peak:.4f} TFLOP/s wall-clock"
+              + (f", {peak_cpu:.4f} TFLOP/s over CPU time" if peak_cpu else "") + " (measured matmul)")
+    elif args.peak_tflops:
+        peak = float(args.peak_tflops)
+        meta["peak_source"] = "given on the command line"
+    meta.update(command=_command(), peak_tflops=peak, peak_tflops_cpu=peak_cpu or peak)
+    results = []
+
+    def save(result):
+        results.append(result)
+        if args.out:
+            bench.write_outputs(results, meta, args.out, args.plot)
+
+    bench.run_step_benchmarks(_configs(args), device, warmup=args.warmup, repeats=args.repeats, peak_tflops=peak,
+                              router=not args.no_router, router_repeats=args.router_repeats, on_result=save,
+                              peak_tflops_cpu=peak_cpu)
+    print()
+    print(bench.markdown_table(results))
+    if args.out:
+        print(f"wrote {args.out}.json, {args.out}.md" + (f", {args.plot}" if args.plot else ""))
+
+
+def router(args):
+    import json
+    from pathlib import Path
+
+    import torch
+
+    from ssm_tread import benchmark as bench
+
+    _setup_threads(args)
+    device = torch.device(args.device)
+    results = [bench.benchmark_router(config, device, steps=args.steps, repeats=args.repeats, log=print)
+               for config in _configs(args)]
+    table = bench.router_table(results)
+    print()
+    print(table)
+    if args.out:
+        meta = {**bench.environment(device), "command": _command()}
+        out = Path(args.out)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.with_suffix(".json").write_text(json.dumps({"meta": meta, "results": results}, indent=2) + "\n")
+        out.with_suffix(".md").write_text(f"Router overhead, {meta['date']}, {meta['device_name']}\n\n"
+                                          f"Command: `{meta['command']}`\n\n" + table)
+        print(f"wrote {out.with_suffix('.json')}, {out.with_suffix('.md')}")
+
+
+def profile(args):
+    import json
+    from pathlib import Path
+
+    import torch
+
+    from ssm_tread import benchmark as bench
+
+    _setup_threads(args)
+    device = torch.device(args.device)
+    results = [bench.profile_step(config, device, top=args.top, rounds=args.rounds) for config in _configs(args)]
+    text = "\n".join(bench.profile_table(r) for r in results)
+    print(text)
+    if args.out:
+        meta = {**bench.environment(device), "command": _command()}
+        out = Path(args.out)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.with_suffix(".json").write_text(json.dumps({"meta": meta, "results": results}, indent=2) + "\n")
+        out.with_suffix(".md").write_text(f"Step profile, {meta['date']}, {meta['device_name']}\n\n"
+                                          f"Command: `{meta['command']}`\n\n" + text)
+        print(f"wrote {out.with_suffix('.json')}, {out.with_suffix('.md')}")
+
+
+def _study_worker(config_path, out, meta):
+    from ssm_tread.study import load_study_config, run_study
+
+    run_study(load_study_config(config_path), out, meta=meta)
+
+
+def study(args):
+    import multiprocessing
+    from pathlib import Path
+
+    import torch
+
+    from ssm_tread import study as lib
+    from ssm_tread.benchmark import environment
+
+    config = lib.load_study_config(args.config)
+    meta = {**environment(torch.device("cpu")), "command": _command(), "config_file": args.config}
+    if not args.report_only:
+        workers = [multiprocessing.Process(target=_study_worker, args=(args.config, args.out, meta))
+                   for _ in range(args.workers - 1)]
+        for worker in workers:
+            worker.start()
+        _study_worker(args.config, args.out, meta)
+        for worker in workers:
+            worker.join()
+    data = lib.merge_runs(args.out, config, meta)
+    expected = len(lib.run_order(config))
+    print(f"{len(data['runs'])} of {expected} runs in {Path(args.out) / 'study.json'}")
+    if not data["runs"]:
+        return
+    table = lib.markdown_table(data)
+    (Path(args.out) / "study.md").write_text(f"Digits convergence study, {meta['date']}\n\n"
+                                             f"Command: `{meta['command']}`\n\n" + table)
+    print(table)
+    prefix = args.plot_prefix
+    for x, name in (("step", "steps"), ("train_wall_s", "wallclock"), ("train_cpu_s", "cputime")):
+        lib.plot_study(data, f"{prefix}_{name}.png", x=x)
+    print(f"wrote {Path(args.out) / 'study.md'}, {prefix}_{{steps,wallclock,cputime}}.png")
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="command", required=True)
@@ -36,6 +204,47 @@ def main(argv=None):
     s.add_argument("--warmup", type=int, default=1)
     s.add_argument("--repeats", type=int, default=5)
     s.set_defaults(run=scan)
+
+    def common(parser):
+        parser.add_argument("--configs", nargs="+", default=["dit-b2", "zigma-s2", "dim-s2"],
+                            help="presets or key=value specs (see above)")
+        parser.add_argument("--device", default="cpu")
+        parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+        parser.add_argument("--batch", type=int, default=0, help="override every config's batch size")
+        parser.add_argument("--precision", choices=["fp32", "bf16"], help="override every config's precision")
+
+    s = sub.add_parser("step", help="training steps with and without TREAD, interleaved")
+    common(s)
+    s.add_argument("--warmup", type=int, default=2, help="untimed steps of each mode first")
+    s.add_argument("--repeats", type=int, default=5, help="timed pairs (A B B A ...)")
+    s.add_argument("--peak-tflops", default=None, help="device peak for MFU: a number, or 'measure' (dense matmul)")
+    s.add_argument("--no-router", action="store_true", help="skip the router-overhead measurement")
+    s.add_argument("--router-repeats", type=int, default=20)
+    s.add_argument("--out", default=None, help="output prefix: writes PREFIX.json and PREFIX.md")
+    s.add_argument("--plot", default=None, help="plot file (png)")
+    s.set_defaults(run=step)
+
+    s = sub.add_parser("router", help="the router's own cost as a share of a routed training step")
+    common(s)
+    s.add_argument("--steps", type=int, default=3, help="routed training steps timed for the comparison")
+    s.add_argument("--repeats", type=int, default=20)
+    s.add_argument("--out", default=None, help="output prefix: writes PREFIX.json and PREFIX.md")
+    s.set_defaults(run=router)
+
+    s = sub.add_parser("profile", help="operator self time of one step with and without TREAD (torch.profiler)")
+    common(s)
+    s.add_argument("--top", type=int, default=15, help="operators listed")
+    s.add_argument("--rounds", type=int, default=3, help="profiled steps per mode (A B interleaved); median per op")
+    s.add_argument("--out", default=None, help="output prefix: writes PREFIX.json and PREFIX.md")
+    s.set_defaults(run=profile)
+
+    s = sub.add_parser("study", help="the digits convergence study: run (resumable), then table and plots")
+    s.add_argument("config", help="a study config file (defines study = dict(...)), e.g. configs/study_digits.py")
+    s.add_argument("--out", default="docs/results/study", help="directory for runs/*.json, study.json, study.md")
+    s.add_argument("--workers", type=int, default=1, help="processes sharing the runs")
+    s.add_argument("--report-only", action="store_true", help="only merge the finished runs, write table and plots")
+    s.add_argument("--plot-prefix", default="docs/figures/study_digits")
+    s.set_defaults(run=study)
     args = p.parse_args(argv)
     args.run(args)
 
