@@ -10,6 +10,7 @@ model = dict(
     kwargs={},                # more create_model keywords: hidden_size, depth, patch_size, ...
     learn_sigma=True,         # output 2*C channels: noise + variance interpolation (DDPM hybrid loss)
     class_dropout_prob=0.1,   # label dropout that trains the null class for classifier-free guidance
+    scan_backend=None,        # force the selective scan: "mamba_ssm", "torch" or "reference" (None: automatic)
 )
 
 routing = dict(

@@ -230,3 +230,19 @@ def test_weight_decay_skips_biases_norms_and_ssm_parameters():
     assert {"blocks.0.mixer.A_log", "blocks.0.mixer.D", "blocks.1.norm.weight", "blocks.0.mixer.dt_proj.bias"} <= skipped
     assert {"blocks.0.mixer.in_proj.weight", "blocks.0.mixer.x_proj.weight", "blocks.1.mixer.out_proj.weight"} <= decayed
     assert "pos_embed" not in decayed | skipped  # fixed, not trained
+
+
+def test_config_key_forces_the_scan_backend():
+    from ssm_tread.ops import active_backend, set_backend
+    from ssm_tread.train.config import ConfigError
+    from ssm_tread.train.trainer import select_scan_backend
+
+    try:
+        select_scan_backend("reference")
+        assert active_backend("cpu") == "reference"
+        select_scan_backend(None)
+        assert active_backend("cpu") == "torch"
+        with pytest.raises(ConfigError, match="model.scan_backend.*torch"):
+            select_scan_backend("cuda_fast")
+    finally:
+        set_backend(None)

@@ -20,6 +20,7 @@ import torch
 import torch.distributed as dist
 from torch.utils.data import DataLoader
 
+from ssm_tread.ops import set_backend
 from ssm_tread.train.checkpoint import (
     CheckpointError,
     checkpoint_path,
@@ -57,6 +58,14 @@ def model_spec(cfg: dict, dataset) -> tuple[str, dict]:
                   learn_sigma=m["learn_sigma"], class_dropout_prob=m["class_dropout_prob"],
                   routes=[list(route) for route in r["routes"]], scan_consistent=r["scan_consistent"], **m["kwargs"])
     return m["name"], kwargs
+
+
+def select_scan_backend(name: str | None) -> None:
+    """Force the selective-scan backend for this process (None: automatic; see ssm_tread.ops)."""
+    try:
+        set_backend(name)
+    except ValueError as e:
+        raise ConfigError(f"model.scan_backend: {e}") from None
 
 
 def lr_factor(step: int, optim: dict, total: int) -> float:
@@ -262,6 +271,7 @@ def train(cfg: dict) -> dict:
         raise ConfigError(f"eval.num_samples is for the digits data set, not {cfg['data']['name']!r}; "
                           f"evaluate ImageNet models with tools/sample.py and the ADM suite")
 
+    select_scan_backend(cfg["model"]["scan_backend"])
     run_dir = Path(tc["run_dir"] or f"runs/{cfg['_name']}")
     ckpt_dir = run_dir / "checkpoints"
     resume = find_resume(cfg, ckpt_dir)
