@@ -14,3 +14,47 @@ class Probe(nn.Module):
     def forward(self, x):
         self.seen.append(x.detach().clone())
         return torch.zeros_like(x)
+
+
+def model_inputs(batch=2, size=8, seed=0, channels=4, num_classes=10):
+    """Seeded x [B, C, size, size], t [B] in [0, 1000), y [B] for a backbone's forward."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(batch, channels, size, size, generator=g)
+    t = torch.rand(batch, generator=g) * 1000
+    y = torch.randint(0, num_classes, (batch,), generator=g)
+    return x, t, y
+
+
+def randomize_zero_parameters(model, seed=0):
+    """Give the zero-initialised parameters (adaLN, gates, final layer) random values, so that every
+    block and the output depend on their inputs."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.requires_grad and not p.any():
+                p.copy_(torch.randn(p.shape, generator=g) * 0.2)
+
+
+def make_identity_blocks(model):
+    """Every block becomes the identity around a probe: no norm, zero modulation, skips pass x through."""
+    for block in model.blocks:
+        block.norm = nn.Identity()
+        skip_linear = getattr(block, "skip_linear", None)
+        if skip_linear is not None:
+            d = skip_linear.out_features
+            with torch.no_grad():
+                skip_linear.weight.copy_(torch.cat([torch.eye(d), torch.zeros(d, d)], dim=1))
+                skip_linear.bias.zero_()
+
+
+def capture_passes(model):
+    """Record every RoutingPass the model's router begins (for the kept sets)."""
+    passes = []
+    begin = model.router.begin
+
+    def spy(*args, **kwargs):
+        passes.append(begin(*args, **kwargs))
+        return passes[-1]
+
+    model.router.begin = spy
+    return passes

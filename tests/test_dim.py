@@ -5,11 +5,10 @@ import math
 
 import pytest
 import torch
-import torch.nn as nn
 
 from ssm_tread.models.dim import DIM_CONFIGS, DiM
 from ssm_tread.scans import scan_order
-from helpers import Probe
+from helpers import Probe, capture_passes, make_identity_blocks, model_inputs, randomize_zero_parameters
 
 NUM_CLASSES = 10
 
@@ -23,52 +22,13 @@ def tiny(**overrides):
     return DiM(**kwargs)
 
 
-def inputs(batch=2, size=8, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    x = torch.randn(batch, 4, size, size, generator=g)
-    t = torch.rand(batch, generator=g) * 1000
-    y = torch.randint(0, NUM_CLASSES, (batch,), generator=g)
-    return x, t, y
-
-
-def randomize_zero_parameters(model, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.requires_grad and not p.any():
-                p.copy_(torch.randn(p.shape, generator=g) * 0.2)
-
-
-def make_identity_blocks(model):
-    """Every block becomes the identity around a probe: no norm, zero modulation, skips pass x through."""
-    for block in model.blocks:
-        block.norm = nn.Identity()
-        if block.skip_linear is not None:
-            d = block.skip_linear.out_features
-            with torch.no_grad():
-                block.skip_linear.weight.copy_(torch.cat([torch.eye(d), torch.zeros(d, d)], dim=1))
-                block.skip_linear.bias.zero_()
-
-
-def capture_passes(model):
-    passes = []
-    begin = model.router.begin
-
-    def spy(*args, **kwargs):
-        passes.append(begin(*args, **kwargs))
-        return passes[-1]
-
-    model.router.begin = spy
-    return passes
-
-
 @pytest.mark.parametrize("routes", [None, [(1, 3, 0.5)]])
 def test_forward_backward(routes):
     torch.manual_seed(0)
     model = tiny(routes=routes, class_dropout_prob=0.1)
     randomize_zero_parameters(model)
     model.train()
-    out, masks = model(*inputs(), return_masks=True)
+    out, masks = model(*model_inputs(), return_masks=True)
     assert out.shape == (2, 8, 8, 8)
     assert masks.shape == (0 if routes is None else 1, 2, 8, 8)
     out.square().mean().backward()
@@ -133,7 +93,7 @@ def test_schedule_is_mirrored_for_the_long_skips():
     make_identity_blocks(model)
     model.eval()
     with torch.no_grad():
-        model(*inputs())
+        model(*model_inputs())
     assert model.schedule[0] == model.schedule[-1] == "raster"
     assert model.schedule[1:5] == ["raster_rev", "column", "column_rev", "raster"]
     for k in range(depth // 2):
@@ -157,7 +117,7 @@ def test_long_skips_are_fused_last_in_first_out():
             )
     model.eval()
     with torch.no_grad():
-        model(*inputs())
+        model(*model_inputs())
     assert sorted(skips) == [4, 5, 6]
     for k in range(3):
         assert torch.equal(skips[6 - k], outputs[k])
@@ -179,7 +139,7 @@ def test_skip_stored_inside_a_route_is_fused_at_full_length_after_it():
                 lambda m, args, i=i: skips.__setitem__(i, args[0][..., 32:].detach())
             )
     with torch.no_grad():
-        model(*inputs())
+        model(*model_inputs())
     (state,) = passes[-1].finished
     batch, kept = state.keep.shape
     assert skips[4].shape == (batch, kept, 32) and torch.equal(skips[4], outputs[2])
@@ -203,7 +163,7 @@ def test_skip_stored_before_a_route_is_gathered_inside_it():
     model.blocks[1].register_forward_hook(lambda m, args, out: outputs.__setitem__(1, out.detach()))
     model.blocks[5].skip_linear.register_forward_pre_hook(lambda m, args: skips.__setitem__(5, args[0][..., 32:]))
     with torch.no_grad():
-        model(*inputs())
+        model(*model_inputs())
     (state,) = passes[-1].finished
     expected = torch.stack([outputs[1][b, state.keep[b]] for b in range(state.keep.shape[0])])
     assert torch.equal(skips[5], expected)
@@ -217,7 +177,7 @@ def test_prefix_and_padding_tokens_are_never_routed():
     entering = []
     model.blocks[0].register_forward_pre_hook(lambda m, args: entering.append(args[0]))
     with torch.no_grad():
-        model(*inputs())
+        model(*model_inputs())
     (state,) = passes[-1].finished
     grid = set(model.grid_positions.tolist())
     fixed = [p for p in range(model.seq_len) if p not in grid]
@@ -250,7 +210,7 @@ def test_mamba_initialisation_survives_and_adaln_starts_at_zero():
         assert not block.scale_shift_table.any()
     assert not model.adaLN_modulation[-1].weight.any()
     assert not model.final_layer.linear.weight.any()
-    out = model(*inputs())
+    out = model(*model_inputs())
     assert not out.any()  # adaLN-Zero style: the untrained model predicts zero
 
 
@@ -262,7 +222,7 @@ def test_contract_attributes_and_cfg():
     assert (model.in_channels, model.out_channels, model.num_classes) == (4, 8, NUM_CLASSES)
     assert (model.input_size, model.patch_size, model.learn_sigma) == (8, 2, True)
     assert model.router.routes == ()
-    x, t, y = inputs()
+    x, t, y = model_inputs()
     null = torch.full_like(y, NUM_CLASSES)
     with torch.no_grad():
         guided = model.forward_with_cfg(torch.cat([x, x]), torch.cat([t, t]), torch.cat([y, null]), 3.0)
@@ -281,7 +241,7 @@ def test_errors_for_bad_shapes_and_settings():
     with pytest.raises(ValueError, match="end < depth"):
         tiny(depth=5, routes=[(1, 5, 0.5)])
     model = tiny()
-    x, t, y = inputs()
+    x, t, y = model_inputs()
     with pytest.raises(ValueError, match="expected input"):
         model(torch.randn(2, 4, 16, 16), t, y)
     with pytest.raises(ValueError, match="expected input"):

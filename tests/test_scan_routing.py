@@ -8,13 +8,12 @@ matching them against the sequence entering block 0.
 
 import pytest
 import torch
-import torch.nn as nn
 
 import ssm_tread.routing as routing_module
 from ssm_tread.models.dim import DiM
 from ssm_tread.models.zigma import ZigMa
 from ssm_tread.scans import dim_schedule, scan_order, zigma_schedule
-from helpers import Probe
+from helpers import Probe, capture_passes, make_identity_blocks, model_inputs, randomize_zero_parameters
 
 NUM_CLASSES = 10
 INPUT = 16  # 16x16 input, patch 2: an 8x8 grid (64 image tokens)
@@ -52,49 +51,6 @@ def image_positions(family):
     return set(range(GRID * GRID))
 
 
-def inputs(batch=3, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    x = torch.randn(batch, 4, INPUT, INPUT, generator=g)
-    t = torch.rand(batch, generator=g) * 1000
-    y = torch.randint(0, NUM_CLASSES, (batch,), generator=g)
-    return x, t, y
-
-
-def capture_passes(model):
-    """Record every RoutingPass the model's router begins (for the kept sets)."""
-    passes = []
-    begin = model.router.begin
-
-    def spy(*args, **kwargs):
-        passes.append(begin(*args, **kwargs))
-        return passes[-1]
-
-    model.router.begin = spy
-    return passes
-
-
-def make_identity_blocks(model):
-    """Every block becomes the identity around a probe: no norm, zero modulation, skips pass x through."""
-    for block in model.blocks:
-        block.norm = nn.Identity()
-        skip_linear = getattr(block, "skip_linear", None)
-        if skip_linear is not None:
-            d = skip_linear.out_features
-            with torch.no_grad():
-                skip_linear.weight.copy_(torch.cat([torch.eye(d), torch.zeros(d, d)], dim=1))
-                skip_linear.bias.zero_()
-
-
-def randomize_zero_parameters(model, seed=0):
-    """Give the zero-initialised parameters (adaLN, gates, final layer) random values, so that every
-    block and the output depend on their inputs."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.requires_grad and not p.any():
-                p.copy_(torch.randn(p.shape, generator=g) * 0.2)
-
-
 def token_ids(seen, reference):
     """Rows of ``seen`` [K, D] -> indices of the identical rows of ``reference`` [L, D]."""
     equal = (seen.unsqueeze(1) == reference.unsqueeze(0)).all(dim=-1)  # [K, L]
@@ -111,7 +67,7 @@ def probe_run(family, routes, scan_consistent=True, depth=None):
     entering = []
     model.blocks[0].register_forward_pre_hook(lambda module, args: entering.append(args[0].detach().clone()))
     with torch.no_grad():
-        model(*inputs())
+        model(*model_inputs(3, INPUT))
     return model, passes[-1], entering[0]
 
 
@@ -156,7 +112,7 @@ def test_kept_set_matches_the_returned_masks_and_ratio(family):
     model = build(family, routes=[(1, 3, 0.25)])
     passes = capture_passes(model)
     with torch.no_grad():
-        _, masks = model(*inputs(), return_masks=True)
+        _, masks = model(*model_inputs(3, INPUT), return_masks=True)
     assert masks.shape == (1, 3, INPUT, INPUT) and masks.dtype == torch.bool
     (state,) = passes[-1].finished
     grid = sorted(image_positions(family))
@@ -175,7 +131,7 @@ def test_ratio_zero_route_equals_the_unrouted_model_in_training(family):
     routed = build(family, routes=[(1, 4, 0.0)])
     routed.load_state_dict(plain.state_dict())
     plain.train(), routed.train()
-    x, t, y = inputs()
+    x, t, y = model_inputs(3, INPUT)
     with torch.no_grad():
         out, masks = routed(x, t, y, return_masks=True)
         torch.testing.assert_close(out, plain(x, t, y), rtol=1e-5, atol=1e-6)
@@ -189,7 +145,7 @@ def test_routing_changes_training_outputs_and_not_evaluation_outputs(family):
     randomize_zero_parameters(plain)
     routed = build(family, routes=[(1, 4, 0.5)])
     routed.load_state_dict(plain.state_dict())
-    x, t, y = inputs()
+    x, t, y = model_inputs(3, INPUT)
     with torch.no_grad():
         plain.train(), routed.train()
         assert not torch.allclose(routed(x, t, y), plain(x, t, y), atol=1e-4)
@@ -215,7 +171,7 @@ def test_bypassed_tokens_reenter_unchanged(family):
     model.blocks[start - 1].register_forward_hook(lambda module, args, out: leaving.append(out.detach().clone()))
     model.blocks[end + 1].register_forward_pre_hook(lambda module, args: entering.append(args[0].detach().clone()))
     with torch.no_grad():
-        model(*inputs())
+        model(*model_inputs(3, INPUT))
     (state,) = passes[-1].finished
     (before,), (after,) = leaving, entering
     assert before.shape == after.shape == (3, model.seq_len if family == "dim" else 64, 16)
@@ -242,6 +198,6 @@ def test_each_distinct_order_is_restricted_once_per_route(family, monkeypatch):
     model = build(family, routes=[(0, depth - 1, 0.5)], depth=depth, mixer_cls=Probe)
     model.train()
     with torch.no_grad():
-        model(*inputs())
+        model(*model_inputs(3, INPUT))
     distinct = len(set(schedule(family, depth)))
     assert len(calls) == len(set(calls)) == distinct

@@ -10,7 +10,7 @@ import torch.nn as nn
 from ssm_tread.models.layers import sincos_2d
 from ssm_tread.models.zigma import ZIGMA_CONFIGS, ZigMa
 from ssm_tread.scans import scan_order
-from helpers import Probe
+from helpers import Probe, model_inputs, randomize_zero_parameters
 
 NUM_CLASSES = 10
 
@@ -24,22 +24,6 @@ def tiny(**overrides):
     return ZigMa(**kwargs)
 
 
-def inputs(batch=2, size=8, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    x = torch.randn(batch, 4, size, size, generator=g)
-    t = torch.rand(batch, generator=g) * 1000
-    y = torch.randint(0, NUM_CLASSES, (batch,), generator=g)
-    return x, t, y
-
-
-def randomize_zero_parameters(model, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.requires_grad and not p.any():
-                p.copy_(torch.randn(p.shape, generator=g) * 0.2)
-
-
 @pytest.mark.parametrize("routes", [None, [(1, 3, 0.5)]])
 @pytest.mark.parametrize("patch_size", [1, 2])
 def test_forward_backward(routes, patch_size):
@@ -47,7 +31,7 @@ def test_forward_backward(routes, patch_size):
     model = tiny(routes=routes, patch_size=patch_size, class_dropout_prob=0.1)
     randomize_zero_parameters(model)
     model.train()
-    out, masks = model(*inputs(), return_masks=True)
+    out, masks = model(*model_inputs(), return_masks=True)
     assert out.shape == (2, 8, 8, 8)
     assert masks.shape == (0 if routes is None else 1, 2, 8, 8)
     out.square().mean().backward()
@@ -109,7 +93,7 @@ def test_layer_i_reads_zigzag_path_i_mod_num_paths(num_paths):
     model.blocks[0].register_forward_pre_hook(lambda m, args: entering.append(args[0]))
     model.eval()
     with torch.no_grad():
-        model(*inputs())
+        model(*model_inputs())
     for i, block in enumerate(model.blocks):
         (seen,) = block.mixer.seen
         path = scan_order(f"zigzag{i % num_paths}", 4, 4)
@@ -146,7 +130,7 @@ def test_contract_attributes_and_cfg():
     model.eval()
     assert (model.in_channels, model.out_channels, model.num_classes) == (4, 4, NUM_CLASSES)
     assert (model.input_size, model.patch_size, model.learn_sigma) == (8, 2, False)
-    x, t, y = inputs()
+    x, t, y = model_inputs()
     null = torch.full_like(y, NUM_CLASSES)
     with torch.no_grad():
         guided = model.forward_with_cfg(torch.cat([x, x]), torch.cat([t, t]), torch.cat([y, null]), 2.0, 3)
@@ -164,7 +148,7 @@ def test_errors_for_bad_shapes_and_settings():
     with pytest.raises(ValueError, match="overlap"):
         tiny(routes=[(1, 3, 0.5), (3, 4, 0.5)])
     model = tiny()
-    x, t, y = inputs()
+    x, t, y = model_inputs()
     with pytest.raises(ValueError, match="expected input"):
         model(torch.randn(2, 4, 8, 6), t, y)
     with pytest.raises(ValueError, match="expected t and y"):
