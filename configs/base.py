@@ -51,7 +51,6 @@ train = dict(
     precision="bf16",         # autocast on CUDA: "bf16" or "fp32" (CPU always runs fp32)
     tf32=True,                # TF32 matmuls and convolutions on CUDA
     compile=False,            # torch.compile the model
-    fsdp=False,               # shard parameters, gradients and optimizer state (FSDP) instead of DDP
     run_dir="",               # empty: runs/<config file name>
     resume="none",            # "none", "auto" (newest checkpoint of run_dir, if any) or a checkpoint path
     overwrite=False,          # a fresh run may replace the checkpoints of an earlier run in run_dir
