@@ -364,6 +364,22 @@ def params_of(runs: dict | list) -> dict:
     return {run["backbone"]: run["params"] for run in runs}
 
 
+
+def per_step_table(agg: dict, steps: list[int], title: str, field: str, fmt: str) -> list[str]:
+    """Markdown lines: ``field`` (mean +- std over seeds) of every backbone and mode at each evaluation step."""
+    lines = ["", f"{title} (mean +- std over seeds) at each evaluation step:", "",
+             "| backbone | mode | " + " | ".join(f"step {s}" for s in steps) + " |",
+             "|---|---|" + "---|" * len(steps)]
+    for backbone, modes in agg.items():
+        for mode in MODES:
+            if mode not in modes:
+                continue
+            by_step = {row["step"]: row for row in modes[mode]}
+            cells = [f"{by_step[s][field + '_mean']:{fmt}} +- {by_step[s][field + '_std']:{fmt}}" if s in by_step
+                     else "-" for s in steps]
+            lines.append(f"| {backbone} | {MODE_LABELS[mode]} | " + " | ".join(cells) + " |")
+    return lines
+
 def markdown_table(data: dict) -> str:
     """Final-step FID and accuracy (mean +- std over seeds) per backbone and mode, the time they took,
     and FID at every evaluation step."""
@@ -391,28 +407,8 @@ def markdown_table(data: dict) -> str:
                 f"| {macs[(backbone, mode)] / 1e6:.1f}M |"
             )
     steps = sorted({row["step"] for modes in agg.values() for rows in modes.values() for row in rows})
-    lines += ["", "FID (mean +- std over seeds) at each evaluation step:", "",
-              "| backbone | mode | " + " | ".join(f"step {s}" for s in steps) + " |",
-              "|---|---|" + "---|" * len(steps)]
-    for backbone, modes in agg.items():
-        for mode in MODES:
-            if mode not in modes:
-                continue
-            by_step = {row["step"]: row for row in modes[mode]}
-            cells = [f"{by_step[s]['fid_mean']:.2f} +- {by_step[s]['fid_std']:.2f}" if s in by_step else "-"
-                     for s in steps]
-            lines.append(f"| {backbone} | {MODE_LABELS[mode]} | " + " | ".join(cells) + " |")
-    lines += ["", "Class accuracy (mean +- std over seeds) at each evaluation step:", "",
-              "| backbone | mode | " + " | ".join(f"step {s}" for s in steps) + " |",
-              "|---|---|" + "---|" * len(steps)]
-    for backbone, modes in agg.items():
-        for mode in MODES:
-            if mode not in modes:
-                continue
-            by_step = {row["step"]: row for row in modes[mode]}
-            cells = [f"{by_step[s]['accuracy_mean']:.3f} +- {by_step[s]['accuracy_std']:.3f}" if s in by_step else "-"
-                     for s in steps]
-            lines.append(f"| {backbone} | {MODE_LABELS[mode]} | " + " | ".join(cells) + " |")
+    lines += per_step_table(agg, steps, "FID", "fid", ".2f")
+    lines += per_step_table(agg, steps, "Class accuracy", "accuracy", ".3f")
     lines += ["", "At equal training cost: each TREAD mode after its last step against the no-routing run at the "
               "same analytic compute (steps x forward MACs) and at the same measured training CPU time (mean "
               "curves over seeds, linear interpolation between evaluations; '-': outside the measured range):", "",

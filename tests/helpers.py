@@ -1,4 +1,6 @@
-"""Test doubles shared by the backbone tests."""
+"""Test doubles and hand-derived counts shared by the backbone tests."""
+
+import math
 
 import torch
 import torch.nn as nn
@@ -58,3 +60,16 @@ def capture_passes(model):
 
     model.router.begin = spy
     return passes
+
+
+def mamba_params(d, d_state, d_conv, expand):
+    """Parameters of one Mamba-1 mixer of width d, counted from the architecture (REFERENCE.md section 6)."""
+    e, r = expand * d, math.ceil(d / 16)
+    return (
+        d * 2 * e  # in_proj, no bias
+        + e * d_conv + e  # depthwise conv1d with bias
+        + e * (r + 2 * d_state)  # x_proj
+        + r * e + e  # dt_proj
+        + e * d_state + e  # A_log, D
+        + e * d  # out_proj, no bias
+    )

@@ -1,14 +1,13 @@
 """DiM: shapes, parameter counts against a hand-derived formula, the sequence layout, the mirrored
 schedule, long skips across route boundaries, initialisation and errors."""
 
-import math
 
 import pytest
 import torch
 
 from ssm_tread.models.dim import DIM_CONFIGS, DiM
 from ssm_tread.scans import scan_order
-from helpers import Probe, capture_passes, make_identity_blocks, model_inputs, randomize_zero_parameters
+from helpers import Probe, capture_passes, make_identity_blocks, mamba_params, model_inputs, randomize_zero_parameters
 
 NUM_CLASSES = 10
 
@@ -35,18 +34,6 @@ def test_forward_backward(routes):
     for name, p in model.named_parameters():
         assert p.grad is not None and torch.isfinite(p.grad).all(), name
     assert all(p.grad.abs().sum() > 0 for p in model.blocks[2].mixer.parameters())
-
-
-def mamba_params(d, d_state, d_conv, expand):
-    e, r = expand * d, math.ceil(d / 16)
-    return (
-        d * 2 * e  # in_proj, no bias
-        + e * d_conv + e  # depthwise conv1d with bias
-        + e * (r + 2 * d_state)  # x_proj
-        + r * e + e  # dt_proj
-        + e * d_state + e  # A_log, D
-        + e * d  # out_proj, no bias
-    )
 
 
 def dim_params(d, depth, patch=2, in_channels=4, input_size=32, classes=1000):

@@ -1,7 +1,6 @@
 """ZigMa: shapes, parameter counts against a hand-derived formula, the zigzag schedule, initialisation
 and errors."""
 
-import math
 
 import pytest
 import torch
@@ -10,7 +9,7 @@ import torch.nn as nn
 from ssm_tread.models.layers import sincos_2d
 from ssm_tread.models.zigma import ZIGMA_CONFIGS, ZigMa
 from ssm_tread.scans import scan_order
-from helpers import Probe, model_inputs, randomize_zero_parameters
+from helpers import Probe, mamba_params, model_inputs, randomize_zero_parameters
 
 NUM_CLASSES = 10
 
@@ -40,18 +39,6 @@ def test_forward_backward(routes, patch_size):
             assert p.grad is not None and torch.isfinite(p.grad).all(), name
     assert model.pos_embed.grad is None
     assert all(p.grad.abs().sum() > 0 for p in model.blocks[2].mixer.parameters())
-
-
-def mamba_params(d, d_state, d_conv, expand):
-    e, r = expand * d, math.ceil(d / 16)
-    return (
-        d * 2 * e  # in_proj, no bias
-        + e * d_conv + e  # depthwise conv1d with bias
-        + e * (r + 2 * d_state)  # x_proj
-        + r * e + e  # dt_proj
-        + e * d_state + e  # A_log, D
-        + e * d  # out_proj, no bias
-    )
 
 
 def zigma_params(d, depth, patch=2, in_channels=4, input_size=32, classes=1000):

@@ -103,10 +103,23 @@ def step(args):
         print(f"wrote {args.out}.json, {args.out}.md" + (f", {args.plot}" if args.plot else ""))
 
 
-def router(args):
+def _write_report(out, title, device, results, text):
+    """OUT.json (the environment, this command and every result) and OUT.md (a header and ``text``)."""
     import json
     from pathlib import Path
 
+    from ssm_tread.benchmark import environment
+
+    meta = {**environment(device), "command": _command()}
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.with_suffix(".json").write_text(json.dumps({"meta": meta, "results": results}, indent=2) + "\n")
+    out.with_suffix(".md").write_text(f"{title}, {meta['date']}, {meta['device_name']}\n\n"
+                                      f"Command: `{meta['command']}`\n\n" + text)
+    print(f"wrote {out.with_suffix('.json')}, {out.with_suffix('.md')}")
+
+
+def router(args):
     import torch
 
     from ssm_tread import benchmark as bench
@@ -119,19 +132,10 @@ def router(args):
     print()
     print(table)
     if args.out:
-        meta = {**bench.environment(device), "command": _command()}
-        out = Path(args.out)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.with_suffix(".json").write_text(json.dumps({"meta": meta, "results": results}, indent=2) + "\n")
-        out.with_suffix(".md").write_text(f"Router overhead, {meta['date']}, {meta['device_name']}\n\n"
-                                          f"Command: `{meta['command']}`\n\n" + table)
-        print(f"wrote {out.with_suffix('.json')}, {out.with_suffix('.md')}")
+        _write_report(args.out, "Router overhead", device, results, table)
 
 
 def profile(args):
-    import json
-    from pathlib import Path
-
     import torch
 
     from ssm_tread import benchmark as bench
@@ -142,13 +146,7 @@ def profile(args):
     text = "\n".join(bench.profile_table(r) for r in results)
     print(text)
     if args.out:
-        meta = {**bench.environment(device), "command": _command()}
-        out = Path(args.out)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.with_suffix(".json").write_text(json.dumps({"meta": meta, "results": results}, indent=2) + "\n")
-        out.with_suffix(".md").write_text(f"Step profile, {meta['date']}, {meta['device_name']}\n\n"
-                                          f"Command: `{meta['command']}`\n\n" + text)
-        print(f"wrote {out.with_suffix('.json')}, {out.with_suffix('.md')}")
+        _write_report(args.out, "Step profile", device, results, text)
 
 
 def _study_worker(config_path, out, meta):
