@@ -51,6 +51,7 @@ train = dict(
     precision="bf16",         # autocast on CUDA: "bf16" or "fp32" (CPU always runs fp32)
     tf32=True,                # TF32 matmuls and convolutions on CUDA
     compile=False,            # torch.compile the model
+    fsdp=False,               # FSDP instead of DDP: shard parameters, gradients and optimizer state over the ranks
     run_dir="",               # empty: runs/<config file name>
     resume="none",            # "none", "auto" (newest checkpoint of run_dir, if any) or a checkpoint path
     overwrite=False,          # a fresh run may replace the checkpoints of an earlier run in run_dir
@@ -83,6 +84,11 @@ sample = dict(
 )
 
 eval = dict(
-    num_samples=0,            # digits only: FID and class accuracy of this many samples after training
+    num_samples=0,            # samples per evaluation of the EMA model (FID; digits also class accuracy); > 0
+                              # evaluates after training (eval.json); 0: no evaluation
+    every=0,                  # steps between evaluations during training; 0: only after training
+    reference=None,           # latent models: ADM reference batch .npz (its stored mu/sigma, else its images),
+                              # e.g. checkpoints/VIRTUAL_imagenet256_labeled.npz
+    inception="checkpoints/pt_inception-2015-12-05-6726825d.pth",  # TF-FID Inception weights (latent models)
     weights=None,             # DigitsEvaluator weights (None: its default)
 )

@@ -2,3 +2,6 @@
 from dim_l import *
 
 model["name"] = "DiM-H/2"
+# 861M parameters: weights, gradients, AdamW state and EMA take 17 GB on every rank under DDP; FSDP shards
+# them over the ranks (on one process it has nothing to shard and trains unsharded)
+train["fsdp"] = True

@@ -13,10 +13,10 @@ and scored with :class:`ssm_tread.eval.DigitsEvaluator` (digits FID and class ac
 time up to that step (wall clock and CPU time, evaluations excluded) is recorded with it.
 
 The loop is plain on purpose (``create_model``, ``create_diffusion``, ``build_dataset("digits")``,
-``DigitsEvaluator``): the trainer evaluates only at the end of a run and carries checkpointing and
-distributed machinery that a few hundred CPU steps do not need. :func:`run_study` writes each finished
-run to its own JSON file and skips the runs already there, so an interrupted study resumes where it
-stopped; several processes can share one study.
+``DigitsEvaluator``): the trainer carries checkpointing and distributed machinery that a few hundred
+CPU steps do not need. :func:`run_study` writes each finished run to its own JSON file and skips the
+runs already there, so an interrupted study resumes where it stopped; several processes can share one
+study.
 """
 
 from __future__ import annotations

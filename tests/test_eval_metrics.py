@@ -5,7 +5,14 @@ import torch
 from scipy import linalg
 from scipy.spatial.distance import cdist
 
-from ssm_tread.eval import feature_statistics, frechet_distance, inception_score, manifold_radii, precision_recall
+from ssm_tread.eval import (
+    feature_statistics,
+    frechet_distance,
+    frechet_distance_of,
+    inception_score,
+    manifold_radii,
+    precision_recall,
+)
 
 
 def random_spd(rng, d):
@@ -45,6 +52,19 @@ def test_frechet_nearly_singular_is_finite():
     zero = np.zeros((64, 64))
     assert frechet_distance(np.zeros(64), zero, np.ones(64), zero) == pytest.approx(64)
     assert np.isfinite(frechet_distance(np.zeros(64), zero + 1e-30 * np.eye(64), np.zeros(64), np.eye(64)))
+
+
+@pytest.mark.parametrize("n", [2, 7, 40, 41, 100])  # fewer samples than the 40 dimensions, and more
+def test_frechet_of_features_matches_sqrtm_of_their_statistics(n):
+    rng = np.random.default_rng(n)
+    features = rng.standard_normal((n, 40)) @ rng.standard_normal((40, 40)) * 0.3 + 1.0
+    mu, sigma = rng.standard_normal(40), random_spd(rng, 40)
+    s1 = np.cov(features, rowvar=False)
+    diff = features.mean(0) - mu
+    expected = diff @ diff + np.trace(s1) + np.trace(sigma) - 2 * np.trace(linalg.sqrtm(s1 @ sigma)).real
+    assert frechet_distance_of(features, mu, sigma) == pytest.approx(expected, rel=1e-7)
+    with pytest.raises(ValueError, match="mismatched"):
+        frechet_distance_of(features, mu[:-1], sigma[:-1, :-1])
 
 
 def test_frechet_bad_inputs():

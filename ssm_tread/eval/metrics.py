@@ -36,6 +36,29 @@ def frechet_distance(mu1, sigma1, mu2, sigma2):
     return float(diff @ diff + np.trace(sigma1) + np.trace(sigma2) - 2 * tr_covmean)
 
 
+def frechet_distance_of(features, mu, sigma):
+    """``frechet_distance(*feature_statistics(features), mu, sigma)`` for features [N, D].
+
+    With no more samples than dimensions (FID of a few thousand samples in Inception's 2048) the trace
+    term comes from an N x N matrix: with X the centred features, sigma1 = X^T X / (N - 1), and sigma1 sigma
+    has the nonzero eigenvalues of the symmetric PSD X sigma X^T / (N - 1).
+    """
+    features = np.asarray(features, dtype=np.float64)
+    if features.ndim != 2 or not 2 <= len(features) <= features.shape[1]:
+        return frechet_distance(*feature_statistics(features), mu, sigma)
+    mu, sigma = np.asarray(mu, np.float64), np.asarray(sigma, np.float64)
+    if mu.shape != features.shape[1:] or sigma.shape != mu.shape * 2:
+        raise ValueError(f"mismatched statistics: features {features.shape}, mu {mu.shape}, sigma {sigma.shape}")
+    if not (np.isfinite(features).all() and np.isfinite(mu).all() and np.isfinite(sigma).all()):
+        raise ValueError("features, mu or sigma have non-finite entries")
+    n = len(features)
+    x = features - features.mean(axis=0)
+    m = x @ ((sigma + sigma.T) / 2) @ x.T / (n - 1)
+    tr_covmean = np.sqrt(np.clip(np.linalg.eigvalsh((m + m.T) / 2), 0, None)).sum()
+    diff = features.mean(axis=0) - mu
+    return float(diff @ diff + (x * x).sum() / (n - 1) + np.trace(sigma) - 2 * tr_covmean)
+
+
 def inception_score(logits, splits=10):
     """exp(E_x KL(p(y|x) || p(y))) averaged over `splits` equal chunks (ADM: 50,000 samples in 10 splits of 5,000)."""
     logp = log_softmax(np.asarray(logits, dtype=np.float64), axis=1)  # [N, K]

@@ -1,10 +1,11 @@
-"""The training loop: one process or many (torchrun, DDP through accelerate), CUDA or CPU (gloo).
+"""The training loop: one process or many (torchrun, DDP through accelerate, or FSDP), CUDA or CPU (gloo).
 
 Reproducibility: the data order, the noise and the diffusion times of every step are drawn for the
 whole global batch from generators seeded the same on every rank, and each rank takes its slice, so
 they do not depend on the number of ranks. Routing selections and label dropout use per-rank
 generators. A checkpoint holds the model, the EMA, the optimizer, the scheduler, the step and the RNG
-states of every rank; the data position is the step itself.
+states of every rank; the data position is the step itself. Under FSDP (``train.fsdp``, see
+ssm_tread.train.fsdp) its states are gathered in full: the same checkpoint as without it.
 """
 from __future__ import annotations
 
@@ -18,6 +19,7 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
+from torch.distributed.device_mesh import init_device_mesh
 from torch.utils.data import DataLoader
 
 from ssm_tread.ops import set_backend
@@ -33,6 +35,13 @@ from ssm_tread.train.checkpoint import (
 )
 from ssm_tread.train.config import ConfigError, save_config
 from ssm_tread.train.ema import EMA
+from ssm_tread.train.fsdp import (
+    full_optimizer_state,
+    full_state_dict,
+    load_optimizer_state,
+    no_gradient_sync,
+    shard,
+)
 
 
 class TrainingError(RuntimeError):
@@ -251,8 +260,9 @@ def train(cfg: dict) -> dict:
     from ssm_tread.diffusion import create_diffusion
     from ssm_tread.models import count_macs, create_model
     from ssm_tread.sampling import generate, grid_labels, save_grid
+    from ssm_tread.train.evaluation import Evaluation, check_eval_config
 
-    tc, oc, lc, sc = cfg["train"], cfg["optim"], cfg["log"], cfg["sample"]
+    tc, oc, lc, sc, ec = cfg["train"], cfg["optim"], cfg["log"], cfg["sample"], cfg["eval"]
     cuda = torch.cuda.is_available()
     accelerator = Accelerator(cpu=not cuda, mixed_precision="bf16" if cuda and tc["precision"] == "bf16" else "no")
     rank, world, main, device = (accelerator.process_index, accelerator.num_processes,
@@ -264,12 +274,14 @@ def train(cfg: dict) -> dict:
         raise ConfigError(f"train.batch_size={tc['batch_size']} is not divisible by {world} ranks x "
                           f"train.grad_accum={tc['grad_accum']}; change one of them")
     micro = tc["batch_size"] // (world * tc["grad_accum"])
+    if tc["fsdp"] and tc["compile"]:
+        raise ConfigError("train.compile does not combine with train.fsdp (FSDP's per-block gathers break the "
+                          "compiled graph); set train.compile=false or train.fsdp=false")
+    fsdp = tc["fsdp"] and world > 1
     if sc["cfg_scale"] != 1.0 and cfg["model"]["class_dropout_prob"] == 0:
         raise ConfigError(f"sample.cfg_scale={sc['cfg_scale']} needs the null class that label dropout trains: "
                           f"set model.class_dropout_prob > 0 or sample.cfg_scale=1.0")
-    if cfg["eval"]["num_samples"] and cfg["data"]["name"] != "digits":
-        raise ConfigError(f"eval.num_samples is for the digits data set, not {cfg['data']['name']!r}; "
-                          f"evaluate ImageNet models with tools/sample.py and the ADM suite")
+    check_eval_config(cfg)
 
     select_scan_backend(cfg["model"]["scan_backend"])
     run_dir = Path(tc["run_dir"] or f"runs/{cfg['_name']}")
@@ -281,18 +293,11 @@ def train(cfg: dict) -> dict:
         save_config(cfg, run_dir / "config.json")
 
     dataset = build_dataset_from(cfg)
-    if cfg["eval"]["num_samples"] and cfg["eval"]["num_samples"] // dataset.num_classes < sc["grid_per_class"]:
-        raise ConfigError(f"the final grid is cut from the eval samples: eval.num_samples={cfg['eval']['num_samples']} "
-                          f"gives fewer than sample.grid_per_class={sc['grid_per_class']} per class; raise the one "
-                          f"or lower the other")
     torch.manual_seed(tc["seed"])
     model_name, model_kwargs = model_spec(cfg, dataset)
     model = create_model(model_name, **model_kwargs).to(device)
     ema = EMA(model, tc["ema_decay"])
     diffusion = create_diffusion(cfg["diffusion"]["objective"], **cfg["diffusion"]["kwargs"])
-    optimizer = torch.optim.AdamW(parameter_groups(model, oc["weight_decay"]), lr=oc["lr"],
-                                  betas=tuple(oc["betas"]), eps=oc["eps"])
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, oc, tc["steps"]))
     macs = count_macs(model, routed=True)
 
     generators = {"noise": torch.Generator(device).manual_seed(tc["seed"]),
@@ -303,9 +308,17 @@ def train(cfg: dict) -> dict:
         state = load_checkpoint(resume)
         load_weights(model, state["model"], f"checkpoint {resume}")
         ema.load_state_dict(state["ema"])
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
         step = state["step"]
+    if fsdp:  # the full weights are in; the optimizer takes the sharded parameters
+        mesh = init_device_mesh(device.type, (world,))
+        shard(model, mesh, bf16=accelerator.mixed_precision == "bf16")
+        ema.shard(mesh)
+    optimizer = torch.optim.AdamW(parameter_groups(model, oc["weight_decay"]), lr=oc["lr"],
+                                  betas=tuple(oc["betas"]), eps=oc["eps"])
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, oc, tc["steps"]))
+    if state is not None:
+        load_optimizer_state(model, optimizer, state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
     torch.manual_seed(tc["seed"] * 1009 + rank + step)
     if state is not None and len(state["rng"]) == world:
         set_rng_state(state["rng"][rank], generators)
@@ -315,7 +328,10 @@ def train(cfg: dict) -> dict:
     raw_model = model
     if tc["compile"]:
         model = torch.compile(model)
-    model, optimizer = accelerator.prepare(model, optimizer)
+    if fsdp:  # what accelerator.prepare does besides DDP: autocast the forward (the root returns fp32)
+        model.forward = accelerator.autocast()(model.forward)
+    else:
+        model, optimizer = accelerator.prepare(model, optimizer)
 
     loader = DataLoader(dataset, num_workers=cfg["data"]["num_workers"], pin_memory=cuda,
                         batch_sampler=GlobalBatches(len(dataset), tc["batch_size"], micro, rank, world, tc["seed"], step),
@@ -328,24 +344,27 @@ def train(cfg: dict) -> dict:
     grid_noise = torch.randn((len(grid_y), *shape), generator=torch.Generator().manual_seed(sc["seed"])).to(device)
     latent = cfg["data"]["name"] == "latents"
     decode = None
-    if latent and lc["grid_every"]:
+    if latent and (lc["grid_every"] or ec["num_samples"]):
         from ssm_tread.sampling import load_vae
         try:
             decode = load_vae(sc["vae"], device)
         except FileNotFoundError as e:
-            raise ConfigError(f"{e}; or turn sample grids off with log.grid_every=0") from None
+            raise ConfigError(f"{e}; or turn off sample grids (log.grid_every=0) and evaluation "
+                              f"(eval.num_samples=0 eval.every=0)") from None
 
-    def write_grid(path: Path):
-        images = generate(ema.model, diffusion, grid_y, grid_noise, sc, decode,
+    def write_grid(sampler, path: Path):
+        images = generate(sampler, diffusion, grid_y, grid_noise, sc, decode,
                           torch.Generator(device).manual_seed(sc["seed"]))
         save_grid(images, path, sc["grid_cols"] or sc["grid_per_class"])
 
     def save(step: int) -> Path:
         states = gather_objects(rng_state(generators), world)
         path = checkpoint_path(ckpt_dir, step)
+        weights, ema_weights = full_state_dict(raw_model), ema.state_dict()  # under FSDP: gathered to rank 0
+        optimizer_state = full_optimizer_state(raw_model, optimizer)
         if main:
-            save_checkpoint({"model": raw_model.state_dict(), "ema": ema.state_dict(),
-                             "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+            save_checkpoint({"model": weights, "ema": ema_weights,
+                             "optimizer": optimizer_state, "scheduler": scheduler.state_dict(),
                              "step": step, "rng": states, "config": cfg,
                              "model_name": model_name, "model_kwargs": model_kwargs}, path)
             prune_checkpoints(ckpt_dir, tc["keep_last"], tc["keep_every"])
@@ -356,16 +375,21 @@ def train(cfg: dict) -> dict:
         for _, old in list_checkpoints(ckpt_dir):  # an earlier run's, with train.overwrite=true
             old.unlink()
     metrics = Metrics(run_dir, lc["tensorboard"], step) if main else None
+    evaluation = (Evaluation(cfg, dataset.num_classes, shape, diffusion, device, decode, metrics, rank, world)
+                  if ec["num_samples"] else None)
     if main:
         params = sum(p.numel() for p in raw_model.parameters())
         print(f"{model_name}: {params / 1e6:.2f}M parameters, {macs / 1e9:.3f} GMACs/image routed; {world} rank(s) "
-              f"on {device.type}, micro-batch {micro} x {tc['grad_accum']} accumulation; run dir {run_dir}"
-              + (f"; resuming from step {step}" if step else ""))
+              f"on {device.type}{' (FSDP)' if fsdp else ''}, micro-batch {micro} x {tc['grad_accum']} accumulation; "
+              f"run dir {run_dir}" + (f"; resuming from step {step}" if step else ""))
+        if tc["fsdp"] and not fsdp:
+            print("train.fsdp: a single process has nothing to shard; it trains unsharded")
     from tqdm.auto import tqdm
     bar = tqdm(total=tc["steps"], initial=step, disable=not (main and lc["progress"]), dynamic_ncols=True)
     last_ckpt = latest_checkpoint(ckpt_dir)
     stop = StopSignal()
     loss_type, accum, clip = cfg["routing"]["loss"], tc["grad_accum"], oc["grad_clip"]
+    no_sync = no_gradient_sync if fsdp else accelerator.no_sync
     window_loss, window_steps, window_start = 0.0, 0, time.time()
     model.train()
     try:
@@ -377,7 +401,7 @@ def train(cfg: dict) -> dict:
                 x, y = next(batches)
                 x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
                 lo = (j * world + rank) * micro
-                with accelerator.no_sync(model) if j < accum - 1 else nullcontext():
+                with no_sync(model) if j < accum - 1 else nullcontext():
                     losses = diffusion.training_losses(model, x, {"y": y}, loss_type=loss_type,
                                                        noise=noise[lo:lo + micro], t=times[lo:lo + micro])
                     loss = losses["loss"].mean()
@@ -409,11 +433,14 @@ def train(cfg: dict) -> dict:
                 bar.set_postfix(loss=f"{values['loss']:.4f}", img_s=f"{images_per_s:.0f}")
                 window_loss, window_steps, window_start = 0.0, 0, time.time()
             if lc["grid_every"] and step % lc["grid_every"] == 0:
+                sampler = ema.sampling_model()  # under FSDP a gather every rank joins
                 if main:
-                    write_grid(run_dir / "grids" / f"step-{step:07d}.png")
+                    write_grid(sampler, run_dir / "grids" / f"step-{step:07d}.png")
                 accelerator.wait_for_everyone()
             if tc["ckpt_every"] and step % tc["ckpt_every"] == 0 or stopping:
                 last_ckpt = save(step)
+            if ec["every"] and step % ec["every"] == 0 and not stopping:
+                evaluation(ema.sampling_model(), step)
             if stopping:
                 if main:
                     bar.write(f"stopped by a signal at step {step}; checkpoint {last_ckpt}; continue with --resume")
@@ -425,41 +452,17 @@ def train(cfg: dict) -> dict:
 
     if last_ckpt is None or last_ckpt != checkpoint_path(ckpt_dir, step):
         last_ckpt = save(step)
-    summary = {"run_dir": run_dir, "step": step, "checkpoint": last_ckpt, "stopped": False}
+    summary, grid = {"run_dir": run_dir, "step": step, "checkpoint": last_ckpt, "stopped": False}, None
+    sampler = ema.sampling_model()
+    if evaluation is not None:
+        summary["eval"], grid = evaluation.final(sampler, step, run_dir)
     if main:
         plot_loss(metrics.path, run_dir / "loss.png")
-        if cfg["eval"]["num_samples"]:
-            summary["eval"], grid = evaluate_digits(ema.model, diffusion, cfg, device)
+        if grid is not None:
             save_grid(grid, run_dir / "samples.png", sc["grid_cols"] or sc["grid_per_class"])
-            metrics.log(step, {f"eval/{k}": v for k, v in summary["eval"].items()})
-            (run_dir / "eval.json").write_text(json.dumps({"step": step, **summary["eval"]}, indent=2) + "\n")
-            print(f"eval at step {step}: " + ", ".join(f"{k} {v:.4g}" for k, v in summary["eval"].items()))
         elif decode is not None or not latent:
-            write_grid(run_dir / "samples.png")
+            write_grid(sampler, run_dir / "samples.png")
         metrics.close()
     accelerator.wait_for_everyone()
     return summary
 
-
-def evaluate_digits(model, diffusion, cfg: dict, device) -> tuple[dict, torch.Tensor]:
-    """Digits FID and class accuracy of ``eval.num_samples`` class-balanced samples (DigitsEvaluator).
-
-    Returns the metrics and the final sample grid, cut from the same samples: the first
-    ``sample.grid_per_class`` of each class in ``sample.grid_classes``.
-    """
-    from ssm_tread.eval import DigitsEvaluator
-    from ssm_tread.sampling import generate
-
-    sc, n = cfg["sample"], cfg["eval"]["num_samples"]
-    labels = (torch.arange(n) * model.num_classes // n).to(device)  # class after class
-    generator = torch.Generator(device).manual_seed(sc["seed"] + 1)
-    images = []
-    for y in labels.split(sc["batch_size"]):
-        noise = torch.randn((len(y), model.in_channels, model.input_size, model.input_size), generator=generator,
-                            device=device)
-        images.append(generate(model, diffusion, y, noise, sc, generator=generator))
-    images = torch.cat(images).cpu()
-    evaluator = DigitsEvaluator(weights=cfg["eval"]["weights"])
-    metrics = {k: float(v) for k, v in evaluator.evaluate(images, labels.cpu()).items()}
-    grid = torch.cat([images[labels.cpu() == c][:sc["grid_per_class"]] for c in sc["grid_classes"]])
-    return metrics, grid
