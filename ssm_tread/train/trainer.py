@@ -267,6 +267,8 @@ def train(cfg: dict) -> dict:
     accelerator = Accelerator(cpu=not cuda, mixed_precision="bf16" if cuda and tc["precision"] == "bf16" else "no")
     rank, world, main, device = (accelerator.process_index, accelerator.num_processes,
                                  accelerator.is_main_process, accelerator.device)
+    if not cuda and tc["cpu_threads"]:
+        torch.set_num_threads(tc["cpu_threads"])
     if cuda and tc["tf32"]:
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
