@@ -9,8 +9,8 @@ Sized for the pure-PyTorch selective scan on CPU, which costs most of the time: 
 (width 96, depth 7, d_state 4, expand 1), a high learning rate, small batches, and 10-step Euler sampling
 of a flow model with mild classifier-free guidance. Patch 2 rather than 1: DiM picks up the class label
 only after many steps, and at patch 2 (126 tokens with prefix and padding, against 366) a step costs a
-third, so the run takes 1500 steps instead of 850; at equal wall time that lifts the samples' class
-accuracy from 0.35 to 0.92 without guidance.
+third, so the run takes 1500 steps instead of 850. In about the same wall time the class accuracy of
+the samples rises from about 0.56 to 0.97 (guidance 2.5 at patch 1, 1.5 here).
 """
 from base import *
 
