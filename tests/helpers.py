@@ -73,3 +73,14 @@ def mamba_params(d, d_state, d_conv, expand):
         + e * d_state + e  # A_log, D
         + e * d  # out_proj, no bias
     )
+
+
+def save_tiny_vae(path):
+    """A randomly initialised diffusers AutoencoderKL (16x16 images -> 4x4x4 latents) saved to ``path``."""
+    from diffusers import AutoencoderKL
+    torch.manual_seed(0)
+    vae = AutoencoderKL(block_out_channels=(8, 16), down_block_types=("DownEncoderBlock2D",) * 2,
+                        up_block_types=("UpDecoderBlock2D",) * 2, layers_per_block=1, latent_channels=4,
+                        norm_num_groups=4, sample_size=16)
+    vae.save_pretrained(path)
+    return str(path)

@@ -7,9 +7,15 @@ import sys
 import numpy as np
 import pytest
 import torch
+from helpers import save_tiny_vae
 from PIL import Image
 
-from ssm_tread.data import LatentShardDataset, adm_center_crop, build_dataset, verify_shards
+from ssm_tread.data import (
+    LatentShardDataset,
+    adm_center_crop,
+    build_dataset,
+    verify_shards,
+)
 from ssm_tread.data.extract import extract_latents, load_vae
 from ssm_tread.data.latents import SCALE_FACTOR, read_json
 
@@ -31,14 +37,7 @@ def images(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def vae_dir(tmp_path_factory):
-    from diffusers import AutoencoderKL
-    torch.manual_seed(0)
-    vae = AutoencoderKL(block_out_channels=(8, 16), down_block_types=("DownEncoderBlock2D",) * 2,
-                        up_block_types=("UpDecoderBlock2D",) * 2, layers_per_block=1, latent_channels=4,
-                        norm_num_groups=4, sample_size=16)
-    path = str(tmp_path_factory.mktemp("vae"))
-    vae.save_pretrained(path)
-    return path
+    return save_tiny_vae(tmp_path_factory.mktemp("vae"))
 
 
 def extract(images, out, vae_dir, **kwargs):

@@ -2,10 +2,7 @@
 and resume, and the bf16 policy computes what autocast computes."""
 import copy
 import json
-import os
 import re
-import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -13,7 +10,7 @@ import torch
 import torch.distributed as dist
 from helpers import model_inputs, randomize_zero_parameters
 from PIL import Image
-from test_train import TINY, _free_port, tiny
+from test_train import tiny, torchrun_train
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.tensor import DTensor
 
@@ -35,12 +32,7 @@ CLOSE = {"rtol": 1e-4, "atol": 1e-6}
 
 def fsdp_run(run_dir, *overrides):
     """tools/train.py on 2 gloo processes with train.fsdp=true."""
-    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={_free_port()}",
-               "tools/train.py", "configs/quickstart.py", *TINY, f"train.run_dir={run_dir}", "train.fsdp=true",
-               *overrides]
-    done = subprocess.run(command, capture_output=True, text=True, check=False, timeout=300,
-                          env={**os.environ, "OMP_NUM_THREADS": "1"})
-    assert done.returncode == 0, done.stderr[-3000:]
+    done = torchrun_train(run_dir, "train.fsdp=true", *overrides, timeout=300)
     assert "2 rank(s) on cpu (FSDP)" in done.stdout
 
 

@@ -193,15 +193,21 @@ def _free_port():
         return s.getsockname()[1]
 
 
+def torchrun_train(run_dir, *overrides, timeout=240):
+    """tools/train.py on the TINY config under torchrun: 2 gloo processes of one thread each."""
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={_free_port()}",
+               "tools/train.py", "configs/quickstart.py", *TINY, f"train.run_dir={run_dir}", *overrides]
+    done = subprocess.run(command, capture_output=True, text=True, check=False, timeout=timeout,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert done.returncode == 0, done.stderr[-3000:]
+    return done
+
+
 def test_two_gloo_processes_match_one_with_the_same_global_batch(tmp_path):
     same = ["model.class_dropout_prob=0.0", "sample.cfg_scale=1.0", "routing.routes=[]", "train.steps=3",
             "train.ckpt_every=0"]
     train(tiny(tmp_path / "one", *same))
-    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={_free_port()}",
-               "tools/train.py", "configs/quickstart.py", *TINY, f"train.run_dir={tmp_path / 'two'}", *same]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    done = subprocess.run(command, capture_output=True, text=True, check=False, timeout=240, env=env)
-    assert done.returncode == 0, done.stderr[-3000:]
+    torchrun_train(tmp_path / "two", *same)
     state = load_checkpoint(tmp_path / "two" / "checkpoints")
     assert len(state["rng"]) == 2
     for key, value in params(tmp_path / "one" / "checkpoints").items():

@@ -2,16 +2,14 @@
 from the checkpoints, reference statistics, the split over two gloo processes, and the errors for missing files."""
 import json
 import math
-import os
-import subprocess
-import sys
 
 import numpy as np
 import pytest
 import scipy.linalg
 import torch
+from helpers import save_tiny_vae
 from PIL import Image
-from test_train import TINY, _free_port, tiny
+from test_train import tiny, torchrun_train
 
 from ssm_tread.data.extract import extract_latents
 from ssm_tread.eval import DigitsEvaluator, FIDInceptionV3
@@ -23,14 +21,7 @@ from ssm_tread.train.trainer import train
 
 @pytest.fixture(scope="module")
 def vae_dir(tmp_path_factory):
-    from diffusers import AutoencoderKL
-    torch.manual_seed(0)
-    vae = AutoencoderKL(block_out_channels=(8, 16), down_block_types=("DownEncoderBlock2D",) * 2,
-                        up_block_types=("UpDecoderBlock2D",) * 2, layers_per_block=1, latent_channels=4,
-                        norm_num_groups=4, sample_size=16)
-    path = tmp_path_factory.mktemp("vae")
-    vae.save_pretrained(path)
-    return str(path)
+    return save_tiny_vae(tmp_path_factory.mktemp("vae"))
 
 
 @pytest.fixture(scope="module")
@@ -183,11 +174,7 @@ def test_two_gloo_processes_evaluate_the_same_samples_as_one(tmp_path):
     same = ["model.class_dropout_prob=0.0", "sample.cfg_scale=1.0", "routing.routes=[]", "train.steps=2",
             "eval.every=2", "eval.num_samples=10", "sample.batch_size=3", "sample.grid_per_class=1"]
     train(tiny(tmp_path / "one", *same))
-    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={_free_port()}",
-               "tools/train.py", "configs/quickstart.py", *TINY, f"train.run_dir={tmp_path / 'two'}", *same]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    done = subprocess.run(command, capture_output=True, text=True, check=False, timeout=240, env=env)
-    assert done.returncode == 0, done.stderr[-3000:]
+    torchrun_train(tmp_path / "two", *same)
     one, two = eval_rows(tmp_path / "one")[2], eval_rows(tmp_path / "two")[2]
     assert two["eval/fid"] == pytest.approx(one["eval/fid"], rel=1e-4)
     assert two["eval/accuracy"] == one["eval/accuracy"]
