@@ -455,14 +455,15 @@ def train(cfg: dict) -> dict:
     if last_ckpt is None or last_ckpt != checkpoint_path(ckpt_dir, step):
         last_ckpt = save(step)
     summary, grid = {"run_dir": run_dir, "step": step, "checkpoint": last_ckpt, "stopped": False}, None
-    sampler = ema.sampling_model()
+    can_sample = decode is not None or not latent  # latents become images only through the VAE
+    sampler = ema.sampling_model() if can_sample else None  # under FSDP a gather every rank joins
     if evaluation is not None:
         summary["eval"], grid = evaluation.final(sampler, step, run_dir)
     if main:
         plot_loss(metrics.path, run_dir / "loss.png")
         if grid is not None:
             save_grid(grid, run_dir / "samples.png", sc["grid_cols"] or sc["grid_per_class"])
-        elif decode is not None or not latent:
+        elif can_sample:
             write_grid(sampler, run_dir / "samples.png")
         metrics.close()
     accelerator.wait_for_everyone()
