@@ -38,13 +38,18 @@ def randomize_zero_parameters(model, seed=0):
 
 
 def make_identity_blocks(model):
-    """Every block becomes the identity around a probe: no norm, zero modulation, skips pass x through."""
+    """Every block passes its tokens on unchanged around a probe: no norm, zero modulation, skips pass
+    x through. (ZigMa's blocks then double the stream each block: r = r + h with h = r.)"""
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "adaLN_modulation" in name or "scale_shift_table" in name:
+                p.zero_()
     for block in model.blocks:
         block.norm = nn.Identity()
         skip_linear = getattr(block, "skip_linear", None)
         if skip_linear is not None:
-            d = skip_linear.out_features
-            with torch.no_grad():
+            d = block.scale_shift_table.shape[-1]
+            with torch.no_grad():  # the one-Linear fusion of widths up to 512
                 skip_linear.weight.copy_(torch.cat([torch.eye(d), torch.zeros(d, d)], dim=1))
                 skip_linear.bias.zero_()
 
@@ -60,19 +65,6 @@ def capture_passes(model):
 
     model.router.begin = spy
     return passes
-
-
-def mamba_params(d, d_state, d_conv, expand):
-    """Parameters of one Mamba-1 mixer of width d, counted from the architecture (REFERENCE.md section 6)."""
-    e, r = expand * d, math.ceil(d / 16)
-    return (
-        d * 2 * e  # in_proj, no bias
-        + e * d_conv + e  # depthwise conv1d with bias
-        + e * (r + 2 * d_state)  # x_proj
-        + r * e + e  # dt_proj
-        + e * d_state + e  # A_log, D
-        + e * d  # out_proj, no bias
-    )
 
 
 def save_tiny_vae(path):

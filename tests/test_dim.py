@@ -1,13 +1,16 @@
-"""DiM: shapes, parameter counts against a hand-derived formula, the sequence layout, the mirrored
-schedule, long skips across route boundaries, initialisation and errors."""
+"""DiM: shapes, the official parameter counts, the sequence layout, the official schedule and skip
+pairing, long skips across route boundaries, the official initialisation, guidance and errors.
+(The forward pass against a plain re-implementation of the official model: tests/test_official.py.)"""
 
+import math
 
 import pytest
 import torch
 
+from ssm_tread.diffusion import Guidance
 from ssm_tread.models.dim import DIM_CONFIGS, DiM
 from ssm_tread.scans import scan_order
-from helpers import Probe, capture_passes, make_identity_blocks, mamba_params, model_inputs, randomize_zero_parameters
+from helpers import Probe, capture_passes, make_identity_blocks, model_inputs
 
 NUM_CLASSES = 10
 
@@ -24,8 +27,7 @@ def tiny(**overrides):
 @pytest.mark.parametrize("routes", [None, [(1, 3, 0.5)]])
 def test_forward_backward(routes):
     torch.manual_seed(0)
-    model = tiny(routes=routes, class_dropout_prob=0.1)
-    randomize_zero_parameters(model)
+    model = tiny(routes=routes, class_dropout_prob=0.1, learn_sigma=True)
     model.train()
     out, masks = model(*model_inputs(), return_masks=True)
     assert out.shape == (2, 8, 8, 8)
@@ -36,31 +38,28 @@ def test_forward_backward(routes):
     assert all(p.grad.abs().sum() > 0 for p in model.blocks[2].mixer.parameters())
 
 
-def dim_params(d, depth, patch=2, in_channels=4, input_size=32, classes=1000):
-    out_channels = 2 * in_channels
-    grid = input_size // patch
-    seq_len = 5 + (grid + 3) ** 2
-    return (
-        in_channels * patch * patch * d + d  # patch embedding
-        + 2 * (9 * d + d)  # depthwise 3x3 convs before and after the blocks
-        + 256 * d + d + d * d + d  # timestep MLP
-        + (classes + 1) * d  # label table with the null class
-        + 3 * d + 3 * d + seq_len * d  # learned tokens, padding tokens, position embedding
-        + d * 3 * d + 3 * d  # adaLN-single
-        + depth * (d + 3 * d + mamba_params(d, 16, 3, 2))  # RMSNorm weight, modulation table, mixer
-        + (depth // 2) * (2 * d * d + d)  # long-skip fusion
-        + d * 2 * d + 2 * d + d * patch * patch * out_channels + patch * patch * out_channels  # final layer
-    )
+# OFFICIAL_MODELS.md section 3.11: total, mixers, skip Linears, adaLN-single (timestep MLP and class
+# table included), label_emb (our class_tokens), proj_out_1 (our final adaLN), additional_embed (our pos_embed)
+OFFICIAL_COUNTS = {
+    "DiM-H/2": (862_407_184, 730_662_912, 113_319_936, 11_375_616, 1_537_536, 4_721_664, 396_288),
+    "DiM-L/2": (386_063_376, 326_545_408, 50_380_800, 5_486_592, 1_025_024, 2_099_200, 264_192),
+}
 
 
-@pytest.mark.parametrize("name, width, published", [("DiM-L/2", 1024, 386e6), ("DiM-H/2", 1536, 860e6)])
-def test_parameter_count_matches_the_architecture_and_the_paper(name, width, published):
+@pytest.mark.parametrize("name", ["DiM-H/2", "DiM-L/2"])
+def test_parameter_counts_are_the_official_ones(name):
     with torch.device("meta"):
-        model = DiM(**DIM_CONFIGS[name])
-    count = sum(p.numel() for p in model.parameters())
-    assert DIM_CONFIGS[name]["hidden_size"] == width and DIM_CONFIGS[name]["depth"] == 49
-    assert count == dim_params(width, 49)
-    assert abs(count / published - 1) < 0.03
+        model = DiM(**DIM_CONFIGS[name], learn_sigma=False)
+    counts = {}
+    for key, p in model.named_parameters():
+        part = ("mixer" if ".mixer." in key else "skip" if ".skip_linear." in key
+                else "adaln_single" if key.split(".")[0] in ("t_embedder", "y_embedder", "adaLN_modulation")
+                else "final_adaln" if key.startswith("final_layer.adaLN_modulation") else key.split(".")[0])
+        counts[part] = counts.get(part, 0) + p.numel()
+    total, mixers, skips, adaln_single, class_tokens, final_adaln, pos_embed = OFFICIAL_COUNTS[name]
+    assert sum(counts.values()) == total
+    assert (counts["mixer"], counts["skip"], counts["adaln_single"]) == (mixers, skips, adaln_single)
+    assert (counts["class_tokens"], counts["final_adaln"], counts["pos_embed"]) == (class_tokens, final_adaln, pos_embed)
 
 
 def test_sequence_layout_and_scan_orders_over_the_whole_sequence():
@@ -73,90 +72,82 @@ def test_sequence_layout_and_scan_orders_over_the_whole_sequence():
         assert order[5:] == [5 + j for j in scan_order(name, 7, 7).tolist()]
 
 
-def test_schedule_is_mirrored_for_the_long_skips():
-    """Block depth-1-k reads the same order as block k, whose output it fuses (checked with probes)."""
-    depth = 49
-    model = tiny(depth=depth, hidden_size=8, mixer_cls=Probe)
-    make_identity_blocks(model)
-    model.eval()
-    with torch.no_grad():
-        model(*model_inputs())
-    assert model.schedule[0] == model.schedule[-1] == "raster"
-    assert model.schedule[1:5] == ["raster_rev", "column", "column_rev", "raster"]
-    for k in range(depth // 2):
-        (encoder,), (decoder,) = model.blocks[k].mixer.seen, model.blocks[depth - 1 - k].mixer.seen
-        assert model.schedule[depth - 1 - k] == model.schedule[k]
-        assert model.blocks[depth - 1 - k].skip_linear is not None and model.blocks[k].skip_linear is None
-        # every block is the identity, so the same order means the same rows
-        assert torch.equal(encoder, decoder)
+def test_schedule_follows_the_official_rule():
+    """OFFICIAL_MODELS.md 3.5: block 0 raster; blocks 1..m-1 pattern i mod 4; then one step back per
+    block; the last block raster (m = 1 + (L-1)/2); patterns raster, reverse, column, column reverse."""
+    names = ["raster", "raster_rev", "column", "column_rev"]
+    for depth in (5, 9, 49):
+        m, k = 1 + (depth - 1) // 2, [0]
+        for i in range(1, depth):
+            k.append(0 if i == depth - 1 else i % 4 if i < m else (k[-1] - 1) % 4)
+        model = tiny(depth=depth, hidden_size=8, mixer_cls=Probe)
+        assert model.schedule == [names[j] for j in k]
 
 
-def test_long_skips_are_fused_last_in_first_out():
-    torch.manual_seed(0)
-    model = tiny(depth=7)
-    randomize_zero_parameters(model)
+def record_skips(model, width=32):
+    """Hooks: {block: its output} and {fusing block: the skip it fuses} (the one-Linear fusion's second half)."""
     outputs, skips = {}, {}
     for i, block in enumerate(model.blocks):
         block.register_forward_hook(lambda m, args, out, i=i: outputs.__setitem__(i, out.detach()))
         if block.skip_linear is not None:
             block.skip_linear.register_forward_pre_hook(
-                lambda m, args, i=i: skips.__setitem__(i, args[0][..., 32:].detach())
+                lambda m, args, i=i: skips.__setitem__(i, args[0][..., width:].detach())
             )
+    return outputs, skips
+
+
+def test_long_skips_pair_blocks_as_the_official_model():
+    """Depth 7: blocks 1..3 store their outputs (block 0 does not); block 4 fuses 3, 5 fuses 2, 6 fuses 1."""
+    torch.manual_seed(0)
+    model = tiny(depth=7)
+    outputs, skips = record_skips(model)
     model.eval()
     with torch.no_grad():
         model(*model_inputs())
     assert sorted(skips) == [4, 5, 6]
-    for k in range(3):
-        assert torch.equal(skips[6 - k], outputs[k])
+    for fusing, stored in ((4, 3), (5, 2), (6, 1)):
+        assert torch.equal(skips[fusing], outputs[stored])
 
 
 def test_skip_stored_inside_a_route_is_fused_at_full_length_after_it():
-    """Route 1..4 of 7 blocks: block 5 fuses block 1's output (taken inside the route) brought back to
-    full length over the route-start state; block 4 fuses block 2's (same route) as it is."""
+    """Route 1..4 of 7 blocks: block 4 fuses block 3's output (same route) as it is; blocks 5 and 6
+    fuse blocks 2 and 1's (taken inside the route) brought back to full length over the route-start state."""
     torch.manual_seed(0)
     model = tiny(depth=7, routes=[(1, 4, 0.5)])
-    randomize_zero_parameters(model)
     model.train()
     passes = capture_passes(model)
-    outputs, skips = {}, {}
-    for i, block in enumerate(model.blocks):
-        block.register_forward_hook(lambda m, args, out, i=i: outputs.__setitem__(i, out.detach()))
-        if block.skip_linear is not None:
-            block.skip_linear.register_forward_pre_hook(
-                lambda m, args, i=i: skips.__setitem__(i, args[0][..., 32:].detach())
-            )
+    outputs, skips = record_skips(model)
     with torch.no_grad():
         model(*model_inputs())
     (state,) = passes[-1].finished
     batch, kept = state.keep.shape
-    assert skips[4].shape == (batch, kept, 32) and torch.equal(skips[4], outputs[2])
-    assert skips[5].shape == (batch, model.seq_len, 32)
-    expected = outputs[0].clone()  # the route-start state
-    for b in range(batch):
-        for j, position in enumerate(state.keep[b].tolist()):
-            expected[b, position] = outputs[1][b, j]
-    assert torch.equal(skips[5], expected)
-    assert skips[6].shape == (batch, model.seq_len, 32) and torch.equal(skips[6], outputs[0])
+    assert skips[4].shape == (batch, kept, 32) and torch.equal(skips[4], outputs[3])
+    for fusing, stored in ((5, 2), (6, 1)):
+        expected = outputs[0].clone()  # the route-start state
+        for b in range(batch):
+            for j, position in enumerate(state.keep[b].tolist()):
+                expected[b, position] = outputs[stored][b, j]
+        assert skips[fusing].shape == (batch, model.seq_len, 32)
+        assert torch.equal(skips[fusing], expected)
 
 
 def test_skip_stored_before_a_route_is_gathered_inside_it():
-    """Route 2..5 of 7 blocks: block 5 (in the route) fuses block 1's full-length output at the kept tokens."""
+    """Route 3..5 of 7 blocks: block 5 (in the route) fuses block 2's full-length output at the kept tokens."""
     torch.manual_seed(0)
-    model = tiny(depth=7, routes=[(2, 5, 0.5)])
-    randomize_zero_parameters(model)
+    model = tiny(depth=7, routes=[(3, 5, 0.5)])
     model.train()
     passes = capture_passes(model)
-    outputs, skips = {}, {}
-    model.blocks[1].register_forward_hook(lambda m, args, out: outputs.__setitem__(1, out.detach()))
-    model.blocks[5].skip_linear.register_forward_pre_hook(lambda m, args: skips.__setitem__(5, args[0][..., 32:]))
+    outputs, skips = record_skips(model)
     with torch.no_grad():
         model(*model_inputs())
     (state,) = passes[-1].finished
-    expected = torch.stack([outputs[1][b, state.keep[b]] for b in range(state.keep.shape[0])])
+    expected = torch.stack([outputs[2][b, state.keep[b]] for b in range(state.keep.shape[0])])
     assert torch.equal(skips[5], expected)
 
 
 def test_prefix_and_padding_tokens_are_never_routed():
+    """Every kept set holds all prefix and padding positions, and a routed block reads them at their
+    places in its restricted order (identity blocks: the probe sees the entering rows)."""
     model = tiny(input_size=8, hidden_size=8, depth=5, routes=[(1, 3, 0.75)], mixer_cls=Probe)
     make_identity_blocks(model)
     model.train()
@@ -172,39 +163,46 @@ def test_prefix_and_padding_tokens_are_never_routed():
     for i in (1, 2, 3):
         (seen,) = model.blocks[i].mixer.seen
         assert seen.shape[1] == len(fixed) + 16 - int(16 * 0.75)
-        name = model.schedule[i]
-        full = [0, 1, 2, 3, 4] + [5 + j for j in scan_order(name, 7, 7).tolist()]
+        full = [0, 1, 2, 3, 4] + [5 + j for j in scan_order(model.schedule[i], 7, 7).tolist()]
         for b in range(seen.shape[0]):
-            equal = (seen[b].unsqueeze(1) == entering[0][b].unsqueeze(0)).all(-1)  # [K, L]
-            ids = equal.int().argmax(1).tolist()
-            assert ids[:5] == [0, 1, 2, 3, 4]
-            assert set(fixed) <= set(ids)
             kept = set(state.keep[b].tolist())
+            assert set(fixed) <= kept
             restricted = [p for p in full if p in kept]
-            for p in fixed:  # each prefix/padding token sits at its place in the restricted order
-                assert ids.index(p) == restricted.index(p)
+            assert torch.equal(seen[b], entering[0][b, restricted])
 
 
-def test_mamba_initialisation_survives_and_adaln_starts_at_zero():
-    model = tiny(hidden_size=32)
+def test_official_initialisation():
+    """OFFICIAL_MODELS.md 3.8: not adaLN-Zero; out_proj U(+-1/sqrt E) / sqrt(L); tables N(0, 1)/sqrt(D)."""
+    torch.manual_seed(0)
+    d, depth = 64, 9
+    model = tiny(hidden_size=d, depth=depth, input_size=16)
+    e = 2 * d
+    out_proj = torch.stack([block.mixer.out_proj.weight for block in model.blocks])
+    bound = 1 / math.sqrt(e) / math.sqrt(depth)
+    assert out_proj.abs().max() <= bound and abs(out_proj.std() / (bound / math.sqrt(3)) - 1) < 0.05
     for block in model.blocks:
         mixer = block.mixer
         dt = torch.nn.functional.softplus(mixer.dt_proj.bias)
         assert dt.min() >= 1e-4 and dt.max() <= 0.1 + 1e-6
         assert torch.allclose(mixer.A_log, torch.log(torch.arange(1, 17.0)).expand_as(mixer.A_log))
         assert torch.equal(mixer.D, torch.ones_like(mixer.D))
-        assert not torch.equal(mixer.in_proj.weight, torch.zeros_like(mixer.in_proj.weight))
-        assert not block.scale_shift_table.any()
-    assert not model.adaLN_modulation[-1].weight.any()
-    assert not model.final_layer.linear.weight.any()
-    out = model(*model_inputs())
-    assert not out.any()  # adaLN-Zero style: the untrained model predicts zero
+    tables = torch.stack([block.scale_shift_table for block in model.blocks])
+    assert abs(tables.std() * math.sqrt(d) - 1) < 0.1
+    adaln = model.adaLN_modulation[-1].weight  # PyTorch's default U(+-1/sqrt D): non-zero
+    assert adaln.abs().max() <= 1 / math.sqrt(d) and abs(adaln.std() * math.sqrt(3 * d) - 1) < 0.1
+    for name, module in model.named_modules():
+        if isinstance(module, torch.nn.Linear) and module.bias is not None and not name.endswith("dt_proj"):
+            assert not module.bias.any(), name
+    for table in (model.y_embedder.embedding_table.weight, model.class_tokens.weight, model.t_embedder.mlp[0].weight):
+        assert abs(table.std() / 0.02 - 1) < 0.1
+    assert not model.pos_embed.any()
+    assert model.final_layer.linear.weight.abs().min() > 0
+    assert model(*model_inputs(size=16)).abs().mean() > 0  # unlike adaLN-Zero, the untrained model is not zero
 
 
-def test_contract_attributes_and_cfg():
+def test_contract_attributes_and_guidance():
     torch.manual_seed(0)
-    model = tiny(learn_sigma=True, class_dropout_prob=0.1)  # with a null class
-    randomize_zero_parameters(model)
+    model = tiny(learn_sigma=True, class_dropout_prob=0.1)
     model.eval()
     assert (model.in_channels, model.out_channels, model.num_classes) == (4, 8, NUM_CLASSES)
     assert (model.input_size, model.patch_size, model.learn_sigma) == (8, 2, True)
@@ -212,12 +210,23 @@ def test_contract_attributes_and_cfg():
     x, t, y = model_inputs()
     null = torch.full_like(y, NUM_CLASSES)
     with torch.no_grad():
-        guided = model.forward_with_cfg(torch.cat([x, x]), torch.cat([t, t]), torch.cat([y, null]), 3.0)
+        guided = Guidance(cfg_scale=3.0, guided_channels=4)(model, x, t, {"y": y}, time=0.5)
         cond, uncond = model(x, t, y), model(x, t, null)
-    assert guided.shape == (4, 8, 8, 8)
-    torch.testing.assert_close(guided[:2, :4], uncond[:, :4] + 3.0 * (cond[:, :4] - uncond[:, :4]))
-    torch.testing.assert_close(guided[:2, 4:], cond[:, 4:])
-    torch.testing.assert_close(guided[2:, 4:], uncond[:, 4:])
+    torch.testing.assert_close(guided[:, :4], uncond[:, :4] + 3.0 * (cond[:, :4] - uncond[:, :4]))
+    torch.testing.assert_close(guided[:, 4:], cond[:, 4:])
+
+
+def test_label_dropout_uses_the_null_class_in_both_tables():
+    """With dropout 1 every training label becomes the null class, for the condition and the class token."""
+    torch.manual_seed(0)
+    model = tiny(class_dropout_prob=1.0)
+    x, t, y = model_inputs()
+    with torch.no_grad():
+        model.train()
+        dropped = model(x, t, y)
+        model.eval()
+        torch.testing.assert_close(dropped, model(x, t, torch.full_like(y, NUM_CLASSES)), rtol=0, atol=0)
+    assert tiny(class_dropout_prob=0.0).y_embedder.embedding_table.num_embeddings == NUM_CLASSES + 1
 
 
 def test_errors_for_bad_shapes_and_settings():
@@ -237,5 +246,3 @@ def test_errors_for_bad_shapes_and_settings():
         model(x, t[:1], y)
     with pytest.raises(ValueError, match="expected t and y"):
         model(x, t, y.view(2, 1))
-    with pytest.raises(ValueError, match="even batch"):
-        model.forward_with_cfg(torch.randn(3, 4, 8, 8), torch.rand(3), torch.zeros(3, dtype=torch.long), 2.0)

@@ -18,7 +18,7 @@ def test_model_names():
     expected = (
         [f"DiT-{s}/{p}" for s in ("S", "B", "L", "XL") for p in (2, 4, 8)]
         + ["DiM-L/2", "DiM-H/2"]
-        + [f"ZigMa-{s}/{p}" for s in ("S", "B", "M", "L", "H") for p in (1, 2)]
+        + [f"ZigMa-{s}/{p}" for s in ("S", "B", "M", "L", "H") for p in (1, 2, 4)]
     )
     assert sorted(MODEL_NAMES) == sorted(expected)
     assert set(FAMILIES) == {"DiT", "DiM", "ZigMa"}

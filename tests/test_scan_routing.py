@@ -2,8 +2,9 @@
 
 A PROBE mixer stands in for Mamba and records the tokens it reads. With the blocks made the identity
 (norm removed, zero modulation, zero probe output, DiM's skip fusion passing the stream through),
-every token keeps its embedding row through the network, so the probe's rows identify the tokens by
-matching them against the sequence entering block 0.
+every token keeps its embedding row through the network (ZigMa's residual pair doubles it each block,
+an exact scaling), so the probe's rows identify the tokens by matching their directions against the
+sequence entering block 0.
 """
 
 import pytest
@@ -51,11 +52,12 @@ def image_positions(family):
     return set(range(GRID * GRID))
 
 
-def token_ids(seen, reference):
-    """Rows of ``seen`` [K, D] -> indices of the identical rows of ``reference`` [L, D]."""
-    equal = (seen.unsqueeze(1) == reference.unsqueeze(0)).all(dim=-1)  # [K, L]
-    assert torch.all(equal.sum(dim=1) == 1), "every probe row must match exactly one token of the sequence"
-    return equal.int().argmax(dim=1).tolist()
+def same_rows(seen, reference):
+    """Whether every row of ``seen`` [K, D] is a positive multiple of the same row of ``reference`` [K, D].
+
+    (DiM's padding tokens repeat, so rows are compared in place rather than looked up.)"""
+    cosine = (torch.nn.functional.normalize(seen, dim=-1) * torch.nn.functional.normalize(reference, dim=-1)).sum(-1)
+    return bool((cosine > 1 - 1e-6).all())
 
 
 def probe_run(family, routes, scan_consistent=True, depth=None):
@@ -68,7 +70,7 @@ def probe_run(family, routes, scan_consistent=True, depth=None):
     model.blocks[0].register_forward_pre_hook(lambda module, args: entering.append(args[0].detach().clone()))
     with torch.no_grad():
         model(*model_inputs(3, INPUT))
-    return model, passes[-1], entering[0]
+    return model, passes[-1], entering[0][..., :16]  # ZigMa's blocks take the pair [h | r]; h holds the tokens
 
 
 ROUTES = [(1, 4, 0.5)]
@@ -82,13 +84,12 @@ def test_every_routed_layer_reads_the_survivors_in_its_own_restricted_order(fami
     for i, block in enumerate(model.blocks):
         (seen,) = block.mixer.seen
         for b in range(seen.shape[0]):
-            ids = token_ids(seen[b], sequence[b])
             if 1 <= i <= 4:
                 kept = set(state.keep[b].tolist())
                 expected = [p for p in full_order(family, names[i]) if p in kept]
             else:
                 expected = full_order(family, names[i])
-            assert ids == expected, f"block {i} ({names[i]}), sample {b}"
+            assert same_rows(seen[b], sequence[b, expected]), f"block {i} ({names[i]}), sample {b}"
 
 
 @pytest.mark.parametrize("family", ["dim", "zigma"])
@@ -99,11 +100,9 @@ def test_naive_mode_does_not_keep_the_scan_orders(family):
     for i in range(1, 5):
         (seen,) = model.blocks[i].mixer.seen
         for b in range(seen.shape[0]):
-            ids = token_ids(seen[b], sequence[b])
             kept = set(state.keep[b].tolist())
-            assert set(ids) == kept
-            assert ids != [p for p in full_order(family, names[i]) if p in kept]
-            assert ids == state.keep[b].tolist()  # the random selection order
+            assert same_rows(seen[b], sequence[b, state.keep[b]])  # the random selection order
+            assert not same_rows(seen[b], sequence[b, [p for p in full_order(family, names[i]) if p in kept]])
 
 
 @pytest.mark.parametrize("family", ["dim", "zigma"])
@@ -160,7 +159,8 @@ def test_routing_changes_training_outputs_and_not_evaluation_outputs(family):
 
 @pytest.mark.parametrize("family", ["dim", "zigma"])
 def test_bypassed_tokens_reenter_unchanged(family):
-    """Tokens entering block end+1 at bypassed positions equal those leaving block start-1."""
+    """Tokens entering block end+1 at bypassed positions equal those leaving block start-1 (for ZigMa
+    both halves of the residual pair [h | r])."""
     start, end = 2, 4
     torch.manual_seed(0)
     model = build(family, routes=[(start, end, 0.5)])
@@ -174,7 +174,7 @@ def test_bypassed_tokens_reenter_unchanged(family):
         model(*model_inputs(3, INPUT))
     (state,) = passes[-1].finished
     (before,), (after,) = leaving, entering
-    assert before.shape == after.shape == (3, model.seq_len if family == "dim" else 64, 16)
+    assert before.shape == after.shape == ((3, model.seq_len, 16) if family == "dim" else (3, 64, 32))
     for b in range(3):
         kept = set(state.keep[b].tolist())
         bypassed = sorted(image_positions(family) - kept)

@@ -1,6 +1,6 @@
 """The model registry: ``create_model(name, **overrides)`` builds every backbone by name.
 
-Names: ``DiT-{S,B,L,XL}/{2,4,8}``, ``DiM-{L,H}/2``, ``ZigMa-{S,B,M,L,H}/{1,2}`` (size presets), and the
+Names: ``DiT-{S,B,L,XL}/{2,4,8}``, ``DiM-{L,H}/2``, ``ZigMa-{S,B,M,L,H}/{1,2,4}`` (size presets), and the
 bare family names ``DiT``, ``DiM``, ``ZigMa`` (built from keyword arguments alone). Overrides are any
 constructor arguments of the family, e.g. ``input_size``, ``in_channels``, ``num_classes``,
 ``class_dropout_prob``, ``learn_sigma``, ``routes``, ``scan_consistent`` and the size keys.
@@ -18,6 +18,7 @@ import torch.nn as nn
 
 from ssm_tread.models.dit import DIT_CONFIGS, DiT
 from ssm_tread.models.macs import count_macs
+from ssm_tread.models.official import load_official
 
 # family -> (module, class name, name of its presets dict); presets map model names to size kwargs
 FAMILIES: dict[str, tuple[str, str, str]] = {
@@ -29,10 +30,10 @@ FAMILIES: dict[str, tuple[str, str, str]] = {
 MODEL_NAMES: tuple[str, ...] = (
     *DIT_CONFIGS,
     *(f"DiM-{size}/2" for size in ("L", "H")),
-    *(f"ZigMa-{size}/{patch}" for size in ("S", "B", "M", "L", "H") for patch in (1, 2)),
+    *(f"ZigMa-{size}/{patch}" for size in ("S", "B", "M", "L", "H") for patch in (1, 2, 4)),
 )
 
-__all__ = ["DiT", "FAMILIES", "MODEL_NAMES", "count_macs", "create_model"]
+__all__ = ["DiT", "FAMILIES", "MODEL_NAMES", "count_macs", "create_model", "load_official"]
 
 
 def _unknown_name_error(name: str) -> ValueError:

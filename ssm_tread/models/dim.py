@@ -1,24 +1,59 @@
 """DiM (Teng et al., "DiM: Diffusion Mamba for Efficient High-Resolution Image Synthesis") with
 scan-consistent TREAD token routing.
 
-Patchify -> depthwise 3x3 conv -> the sequence
+This is the official DiM (tyshiwo1/DiM-DiffusionMamba, ``Mamba2DModel`` with the ImageNet configs; the
+facts are in OFFICIAL_MODELS.md section 3): same forward pass, same initialisation, the same
+parameters (:func:`ssm_tread.models.load_official` loads its checkpoints key for key). Forward:
 
-    [time token, class token, 3 learned tokens, padded grid]      (L = 5 + (h+3)*(w+3) tokens)
+1. Patchify (p x p conv) -> tokens [B, n, D]. The time token tau = sinusoid_D(t) (the raw sinusoid,
+   no MLP) and the class token kappa = ``class_tokens[y]`` (a table of its own). A learned position
+   embedding of [tau, kappa, patches] (zero-initialised) is added; then the patches go through a
+   depthwise 3x3 conv (``in_conv``).
+2. The sequence ``[tau, kappa, 3 learned tokens, padded grid]`` (L = 5 + (h+3)(w+3) tokens), where
+   the padded grid is the h x w patch grid with 3 padding tokens appended to every row and 3 padding
+   rows below it, in raster order; cell (i, j) outside the grid holds padding token i - h if i >= h,
+   else j - w (the corner cells follow the row rule).
+3. ``depth`` blocks (no MLP): [long-skip fusion] -> RMSNorm -> adaLN-single shift/scale (one shared
+   ``Linear(D, 3D)`` of c = t_embedder(t) + y_embedder(y), plus the block's learned [3, D] table) ->
+   one unidirectional Mamba reading the block's scan order -> ``s + (1 + gate) * mixer``.
+4. Drop the prefix and the padding -> depthwise 3x3 conv (``out_conv``) -> RMSNorm with weight ->
+   shift/scale from Linear(SiLU(tau + kappa)) -> Linear -> unpatchify.
 
-where the padded grid is the h x w patch grid with 3 learned padding tokens at the end of every row
-and 3 padding rows below it, in raster order over (h+3) x (w+3); plus a learned position embedding.
-Then ``depth`` Mamba blocks (no MLP): RMSNorm -> adaLN-single modulation (one shared
-Linear(D, 3D) of the condition for the whole model plus a learned [3, D] table per block) -> one
-unidirectional Mamba reading the block's scan order -> gated residual. U-ViT long skips: the first
-depth//2 blocks store their outputs, block depth-1-k fuses block k's output (Linear over the
-concatenation). Finally drop the prefix and padding -> depthwise 3x3 conv -> adaLN final layer ->
-unpatchify.
+Long skips (U-ViT style): blocks 1..(L-1)/2 store their output (block 0 stores nothing) and blocks
+(L+1)/2..L-1 fuse them last in, first out, so block (L+1)/2 fuses block (L-1)/2 and block L-1 fuses
+block 1. The fusion is ``W [s; skip] + b``: one ``Linear(2D, D)`` up to width 512, and above (every
+published config) two ``Linear(D, D)`` (``skip_linear.0`` on the stream, ``skip_linear.1`` on the
+skip) whose biases add, as in the official code.
 
-Scan orders (:func:`ssm_tread.scans.dim_schedule`) are defined over the whole sequence: the 5 prefix
-tokens first in every scan (reverse scans too, so the condition is read before the image), then the
-padded grid in the block's direction. Only image grid tokens are routable; prefix and padding tokens
-always go through every block and keep their places in every restricted order. A long skip that
-crosses a route boundary is brought to the fusing block's token set with ``routing.align``.
+Scan orders (:func:`ssm_tread.scans.dim_schedule`: raster, its reverse, column-major, its reverse) are
+defined over the whole sequence: the 5 prefix tokens first in every scan (reverse scans too, so the
+condition is read before the image), then the padded grid in the block's direction.
+
+Initialisation (the official one, which is not adaLN-Zero): every Linear bias 0 (except the mixers'
+dt bias), Embeddings and the timestep MLP's weights N(0, 0.02), mixer ``out_proj`` kaiming-uniform /
+sqrt(depth), the per-block tables N(0, 1) / sqrt(D), the learned and padding tokens N(0, 0.02), the
+position embedding 0; every other weight keeps PyTorch's default (so the modulation is non-zero from
+the start and the untrained model does not output zero).
+
+What is ours, not the official model's:
+
+- TREAD routing through the shared :class:`~ssm_tread.routing.TokenRouter`. Only image grid tokens are
+  routable; the prefix and padding tokens go through every block and keep their places in every
+  restricted order. Skips are stored with their routing tag; a skip that crosses a route boundary is
+  brought to the fusing block's token set with ``routing.align`` (scattered over the route-start
+  state, or gathered at the kept tokens). Tokens are kept in sequence order between blocks and each
+  mixer permutes to its scan and back, so a skip and the stream it is fused with always line up.
+- ``class_dropout_prob``: in training a label is replaced by the null class ``num_classes`` with this
+  probability, in both tables at once (the official code does this in its data pipeline). Both
+  tables always have the null row, as in the official model; ``y = num_classes`` is the
+  unconditional input of classifier-free guidance (:class:`ssm_tread.diffusion.Guidance`).
+- ``learn_sigma=True`` doubles the output channels (ADM's learned variance); off by default, as in
+  every official config (DiM predicts noise with a fixed variance). With it off the output head is
+  the official one.
+
+Timestep convention: the model embeds ``t`` as given, like the official one. The official checkpoints
+were trained with integer n = 1..1000 on DDPM's scaled-linear schedule (n is this project's DDPM step
+index + 1) and are sampled with DPM-Solver at t = 1000 * t_continuous.
 
 Shapes: B batch, C input channels, H x W input, p patch size, h x w = H/p x W/p patch grid,
 L sequence length, K tokens inside a route, D hidden size.
@@ -37,19 +72,12 @@ from ssm_tread.models.layers import (
     TimestepEmbedder,
     adaln_modulation,
     check_conditioning,
-    guided_forward,
-    init_dit_style,
     modulate,
     route_pixel_masks,
     unpatchify,
 )
 from ssm_tread.models.mamba import Mamba
-from ssm_tread.models.ssm_block import (
-    MixerFactory,
-    attach_mixers,
-    mix_in_scan_order,
-    scan_table,
-)
+from ssm_tread.models.ssm_block import MixerFactory, init_mamba_backbone, mix_in_scan_order, scan_table
 from ssm_tread.routing import RouteSpec, ScanIndex, TokenRouter
 from ssm_tread.scans import dim_schedule, scan_order
 
@@ -61,33 +89,44 @@ DIM_CONFIGS: dict[str, dict] = {
 NUM_LEARNED = 3  # learned tokens after the time and class tokens
 NUM_PREFIX = 2 + NUM_LEARNED  # time token, class token, learned tokens
 NUM_PAD = 3  # padding tokens at the end of every row, and padding rows below the grid
+SPLIT_SKIP_WIDTH = 512  # above this width the skip fusion is two Linear(D, D) (the official layout)
 
 
 class DiMBlock(nn.Module):
-    """[skip fusion] -> RMSNorm -> adaLN-single shift/scale -> Mamba in the block's scan order -> gated residual.
+    """[skip fusion] -> RMSNorm -> adaLN-single shift/scale -> Mamba in the block's scan order ->
+    ``s + (1 + gate) * mixer``."""
 
-    ``mixer`` is attached by the model after initialisation (see :func:`attach_mixers`).
-    """
-
-    def __init__(self, hidden_size: int, skip: bool):
+    def __init__(self, hidden_size: int, skip: bool, mixer_cls: MixerFactory, **mixer_kwargs):
         super().__init__()
-        self.skip_linear = nn.Linear(2 * hidden_size, hidden_size) if skip else None
+        if not skip:
+            self.skip_linear = None
+        elif hidden_size > SPLIT_SKIP_WIDTH:  # [0]: the stream, [1]: the skip
+            self.skip_linear = nn.ModuleList([nn.Linear(hidden_size, hidden_size) for _ in range(2)])
+        else:
+            self.skip_linear = nn.Linear(2 * hidden_size, hidden_size)
         self.norm = nn.RMSNorm(hidden_size, eps=1e-5)
-        self.scale_shift_table = nn.Parameter(torch.zeros(3, hidden_size))  # this block's shift, scale, gate
+        self.scale_shift_table = nn.Parameter(torch.randn(3, hidden_size) / hidden_size**0.5)  # shift, scale, gate
+        self.mixer = mixer_cls(hidden_size, **mixer_kwargs)
+
+    def fuse(self, x: torch.Tensor, skip: torch.Tensor) -> torch.Tensor:
+        """W [x; skip] + b: x, skip [B, L or K, D] -> [B, L or K, D]."""
+        if isinstance(self.skip_linear, nn.ModuleList):
+            return self.skip_linear[0](x) + self.skip_linear[1](skip)
+        return self.skip_linear(torch.cat([x, skip], dim=-1))
 
     def forward(
         self, x: torch.Tensor, modulation: torch.Tensor, scan: ScanIndex, skip: torch.Tensor | None = None
     ) -> torch.Tensor:
         # x [B, L or K, D]; modulation [B, 3, D] (shared adaLN-single); skip: a long skip like x, or None
         if self.skip_linear is not None:
-            x = self.skip_linear(torch.cat([x, skip], dim=-1))  # [B, L or K, 2D] -> [B, L or K, D]
+            x = self.fuse(x, skip)
         shift, scale, gate = (self.scale_shift_table + modulation).unbind(1)  # [B, D] each
         h = mix_in_scan_order(self.mixer, modulate(self.norm(x), shift, scale), scan)
-        return x + gate.unsqueeze(1) * h
+        return x + (1 + gate.unsqueeze(1)) * h
 
 
 class DiM(nn.Module):
-    """Class-conditional Diffusion Mamba over a [B, C, H, W] latent, with TREAD routes.
+    """Class-conditional Diffusion Mamba over a [B, C, H, W] latent, with TREAD routes (module docstring).
 
     ``routes``: list of ``Route`` / ``{"start", "end", "ratio"}`` (see :mod:`ssm_tread.routing`);
     ``scan_consistent=False`` reads the survivors in their random selection order (ablation).
@@ -104,7 +143,7 @@ class DiM(nn.Module):
         depth: int = 49,
         class_dropout_prob: float = 0.1,
         num_classes: int = 1000,
-        learn_sigma: bool = True,
+        learn_sigma: bool = False,
         d_state: int = 16,
         d_conv: int = 3,
         expand: int = 2,
@@ -120,6 +159,7 @@ class DiM(nn.Module):
         self.out_channels = 2 * in_channels if learn_sigma else in_channels
         self.num_classes = num_classes
         self.learn_sigma = learn_sigma
+        self.hidden_size = hidden_size
         self.depth = depth
         self.schedule = schedule
 
@@ -129,16 +169,22 @@ class DiM(nn.Module):
         self.padded_size = (h + NUM_PAD, w + NUM_PAD)
         padded_h, padded_w = self.padded_size
         self.seq_len = NUM_PREFIX + padded_h * padded_w
+        self.pos_embed = nn.Parameter(torch.zeros(1, 2 + h * w, hidden_size))  # of [tau, kappa, patches]
         self.in_conv = nn.Conv2d(hidden_size, hidden_size, kernel_size=3, padding=1, groups=hidden_size)
         self.t_embedder = TimestepEmbedder(hidden_size)
-        self.y_embedder = LabelEmbedder(num_classes, hidden_size, class_dropout_prob)
-        self.learned_tokens = nn.Parameter(torch.zeros(NUM_LEARNED, hidden_size))
-        self.pad_tokens = nn.Parameter(torch.zeros(NUM_PAD, hidden_size))  # by distance past the grid edge
-        self.pos_embed = nn.Parameter(torch.zeros(1, self.seq_len, hidden_size))
+        self.y_embedder = LabelEmbedder(num_classes, hidden_size, class_dropout_prob, null_class=True)
+        self.class_tokens = nn.Embedding(num_classes + 1, hidden_size)  # the class token's own table
+        self.learned_tokens = nn.Parameter(torch.randn(NUM_LEARNED, hidden_size) * 0.02)
+        self.pad_tokens = nn.Parameter(torch.randn(NUM_PAD, hidden_size) * 0.02)  # by distance past the grid edge
         self.adaLN_modulation = adaln_modulation(hidden_size, 3)  # adaLN-single, shared by all blocks
-        self.blocks = nn.ModuleList([DiMBlock(hidden_size, skip=i > depth // 2) for i in range(depth)])
+        middle = (depth - 1) // 2
+        mixer_kwargs = dict(d_state=d_state, d_conv=d_conv, expand=expand)
+        self.blocks = nn.ModuleList(
+            [DiMBlock(hidden_size, skip=i > middle, mixer_cls=mixer_cls, **mixer_kwargs) for i in range(depth)]
+        )
+        self.stores_skip = [1 <= i <= middle for i in range(depth)]
         self.out_conv = nn.Conv2d(hidden_size, hidden_size, kernel_size=3, padding=1, groups=hidden_size)
-        self.final_layer = FinalLayer(hidden_size, patch_size, self.out_channels)
+        self.final_layer = FinalLayer(hidden_size, patch_size, self.out_channels, norm=nn.RMSNorm(hidden_size, eps=1e-5))
         self.router = TokenRouter(routes, depth, scan_consistent)
 
         rows = torch.arange(padded_h).unsqueeze(1)  # [h+3, 1]
@@ -147,14 +193,12 @@ class DiM(nn.Module):
         grid_positions = NUM_PREFIX + (rows[:h] * padded_w + cols[:, :w]).flatten()
         self.register_buffer("grid_positions", grid_positions, persistent=False)
         # which padding token fills each padded-grid cell (image cells are overwritten): [(h+3)*(w+3)]
-        self.register_buffer("pad_index", torch.maximum(rows - h, cols - w).clamp(min=0).flatten(), persistent=False)
+        pad_index = torch.where(rows >= h, rows - h, (cols - w).clamp(min=0).expand(padded_h, -1))
+        self.register_buffer("pad_index", pad_index.flatten(), persistent=False)
         orders, self.block_scan = scan_table(schedule, self.sequence_order)
         self.register_buffer("scan_orders", orders, persistent=False)  # [distinct orders, L]
 
         self._init_weights()
-        attach_mixers(
-            self.blocks, mixer_cls, hidden_size, d_state=d_state, d_conv=d_conv, expand=expand
-        )
 
     def sequence_order(self, name: str) -> torch.Tensor:
         """Scan ``name`` over the whole sequence: the prefix first, then the padded grid in that scan. [L]"""
@@ -162,12 +206,10 @@ class DiM(nn.Module):
         return torch.cat([torch.arange(NUM_PREFIX), NUM_PREFIX + grid])
 
     def _init_weights(self) -> None:
-        """DiT-style init of everything but the mixers, which are attached afterwards with their own init.
-        The adaLN-single Linear and the per-block tables start at zero (every block starts as identity)."""
-        init_dit_style(self)
-        nn.init.normal_(self.learned_tokens, std=0.02)
-        nn.init.normal_(self.pad_tokens, std=0.02)
-        nn.init.trunc_normal_(self.pos_embed, std=0.02)
+        """The official initialisation (module docstring); the mixers keep their own (dt bias, A_log, D)."""
+        init_mamba_backbone(self, self.depth)
+        nn.init.normal_(self.t_embedder.mlp[0].weight, std=0.02)
+        nn.init.normal_(self.t_embedder.mlp[2].weight, std=0.02)
 
     def forward(
         self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor, return_masks: bool = False
@@ -180,40 +222,35 @@ class DiM(nn.Module):
         check_conditioning(x, t, y)
         batch = x.shape[0]
         h, _ = self.grid_size
-        x = rearrange(self.x_embedder(x), "b (h w) d -> b d h w", h=h)  # [B, D, h, w]
-        x = rearrange(self.in_conv(x), "b d h w -> b (h w) d")  # [B, h*w, D]
-        t_emb = self.t_embedder(t)  # [B, D]
-        y_emb = self.y_embedder(y, self.training)  # [B, D]
-        c = t_emb + y_emb  # [B, D]
+        if self.training and self.y_embedder.dropout_prob > 0:
+            y = self.y_embedder.token_drop(y)  # the null class, in both tables
+        tau = TimestepEmbedder.timestep_embedding(t, self.hidden_size).to(x.dtype)  # [B, D]
+        kappa = self.class_tokens(y)  # [B, D]
+        c = self.t_embedder(t) + self.y_embedder(y, train=False)  # [B, D]
 
-        prefix = torch.cat(
-            [t_emb.unsqueeze(1), y_emb.unsqueeze(1), self.learned_tokens.expand(batch, -1, -1)], dim=1
-        )  # [B, 5, D]
+        tokens = torch.cat([tau.unsqueeze(1), kappa.unsqueeze(1), self.x_embedder(x)], dim=1) + self.pos_embed
+        patches = rearrange(tokens[:, 2:], "b (h w) d -> b d h w", h=h)  # [B, D, h, w]
+        patches = rearrange(self.in_conv(patches), "b d h w -> b (h w) d")  # [B, h*w, D]
+        prefix = torch.cat([tokens[:, :2], self.learned_tokens.expand(batch, -1, -1)], dim=1)  # [B, 5, D]
         padded = self.pad_tokens[self.pad_index].expand(batch, -1, -1)  # [B, (h+3)*(w+3), D]
         x_seq = torch.cat([prefix, padded.to(prefix.dtype)], dim=1)  # [B, L, D]
-        x = x_seq.index_copy(1, self.grid_positions, x.to(x_seq.dtype)) + self.pos_embed  # [B, L, D]
+        x = x_seq.index_copy(1, self.grid_positions, patches.to(x_seq.dtype))  # [B, L, D]
 
         modulation = rearrange(self.adaLN_modulation(c), "b (k d) -> b k d", k=3)  # [B, 3, D]
         routing = self.router.begin(routable=self.grid_positions, training=self.training)
-        skips = []  # (output [B, L or K, D], routing tag) of the first depth//2 blocks, fused LIFO
+        skips = []  # (output [B, L or K, D], routing tag) of blocks 1..(depth-1)/2, fused LIFO
         for i, block in enumerate(self.blocks):
             x = routing.enter(i, x)  # at a route start: [B, L, D] -> kept tokens [B, K, D]
             skip = routing.align(*skips.pop()) if block.skip_linear is not None else None
             x = block(x, modulation, routing.scan(self.scan_orders[self.block_scan[i]]), skip)
             x = routing.exit(i, x)  # at a route end: back to [B, L, D]
-            if i < self.depth // 2:
+            if self.stores_skip[i]:
                 skips.append((x, routing.tag()))
 
         x = rearrange(x[:, self.grid_positions], "b (h w) d -> b d h w", h=h)  # drop prefix, unpad: [B, D, h, w]
         x = rearrange(self.out_conv(x), "b d h w -> b (h w) d")  # [B, h*w, D]
-        x = self.final_layer(x, c)  # [B, h*w, p*p*out_channels]
+        x = self.final_layer(x, tau + kappa)  # [B, h*w, p*p*out_channels]
         x = unpatchify(x, self.grid_size, self.patch_size, self.out_channels)  # [B, out_channels, H, W]
         if not return_masks:
             return x
         return x, route_pixel_masks(routing, self.grid_positions, self.grid_size, self.patch_size, batch)
-
-    def forward_with_cfg(
-        self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor, cfg_scale: float, guided_channels: int | None = None
-    ) -> torch.Tensor:
-        """Classifier-free guidance in one [cond; uncond] batch; see :func:`guided_forward`."""
-        return guided_forward(self, x, t, y, cfg_scale, guided_channels)

@@ -101,11 +101,12 @@ class TimestepEmbedder(nn.Module):
 
 class LabelEmbedder(nn.Module):
     """Class labels [B] -> [B, D]. Row ``num_classes`` is the null class used for classifier-free
-    guidance; in training each label is replaced by it with probability ``dropout_prob``."""
+    guidance; in training each label is replaced by it with probability ``dropout_prob``.
+    ``null_class`` (default: ``dropout_prob > 0``) says whether the table has that row."""
 
-    def __init__(self, num_classes: int, hidden_size: int, dropout_prob: float):
+    def __init__(self, num_classes: int, hidden_size: int, dropout_prob: float, null_class: bool | None = None):
         super().__init__()
-        use_null_class = dropout_prob > 0
+        use_null_class = dropout_prob > 0 if null_class is None else null_class
         self.embedding_table = nn.Embedding(num_classes + use_null_class, hidden_size)
         self.num_classes = num_classes
         self.dropout_prob = dropout_prob
@@ -126,11 +127,12 @@ class LabelEmbedder(nn.Module):
 
 
 class FinalLayer(nn.Module):
-    """LayerNorm -> adaLN (shift, scale) -> Linear(D, p*p*out_channels), zero-initialised."""
+    """norm -> adaLN (shift, scale) -> Linear(D, p*p*out_channels). ``norm``: DiT's LayerNorm without
+    affine (eps 1e-6) unless given."""
 
-    def __init__(self, hidden_size: int, patch_size: int, out_channels: int):
+    def __init__(self, hidden_size: int, patch_size: int, out_channels: int, norm: nn.Module | None = None):
         super().__init__()
-        self.norm_final = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
+        self.norm_final = norm or nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
         self.linear = nn.Linear(hidden_size, patch_size * patch_size * out_channels, bias=True)
         self.adaLN_modulation = adaln_modulation(hidden_size, 2)
 

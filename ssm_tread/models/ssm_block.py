@@ -2,8 +2,8 @@
 
 - :func:`mix_in_scan_order`: a mixer reads the tokens in front of it in the layer's scan order (the
   order restricted to the survivors while a route is in flight) and writes back to where they lay.
-- :func:`attach_mixers`: the Mamba mixers are added to the blocks after the DiT-style initialisation
-  of everything else, so their own initialisation (dt bias, A_log, D) is kept.
+- :func:`init_mamba_backbone`: the model-wide initialisation pass that the official DiM and ZigMa both
+  apply (OFFICIAL_MODELS.md sections 2.4 and 3.8).
 - :func:`scan_table`: the distinct scan orders of a schedule, stacked once, and each layer's row.
 
 Shapes: B batch, L sequence length, K tokens in a route, D hidden size, h x w patch grid, p patch size.
@@ -11,6 +11,7 @@ Shapes: B batch, L sequence length, K tokens in a route, D hidden size, h x w pa
 
 from __future__ import annotations
 
+import math
 from typing import Callable
 
 import torch
@@ -26,10 +27,20 @@ def mix_in_scan_order(mixer: nn.Module, x: torch.Tensor, scan: ScanIndex) -> tor
     return scan.restore(mixer(scan.apply(x)))
 
 
-def attach_mixers(blocks: nn.ModuleList, mixer_cls: MixerFactory, hidden_size: int, **mixer_kwargs) -> None:
-    """Give every block its mixer ``mixer_cls(hidden_size, **mixer_kwargs)`` as ``block.mixer``."""
-    for block in blocks:
-        block.mixer = mixer_cls(hidden_size, **mixer_kwargs)
+def init_mamba_backbone(model: nn.Module, depth: int) -> None:
+    """The official model-wide pass: every Linear bias 0 except the mixers' ``dt_proj.bias`` (which
+    sets the initial step sizes), every Embedding N(0, 0.02), and every mixer ``out_proj.weight``
+    re-drawn kaiming-uniform(a=sqrt 5), i.e. U(+-1/sqrt E), then divided by sqrt(depth)."""
+    for name, module in model.named_modules():
+        if isinstance(module, nn.Linear):
+            if module.bias is not None and not name.endswith("dt_proj"):
+                nn.init.zeros_(module.bias)
+            if name.endswith("mixer.out_proj"):
+                nn.init.kaiming_uniform_(module.weight, a=math.sqrt(5))
+                with torch.no_grad():
+                    module.weight /= math.sqrt(depth)
+        elif isinstance(module, nn.Embedding):
+            nn.init.normal_(module.weight, std=0.02)
 
 
 def scan_table(schedule: list[str], order_of: Callable[[str], torch.Tensor]) -> tuple[torch.Tensor, list[int]]:
