@@ -5,7 +5,7 @@ more with dotted overrides: `python tools/train.py configs/dit_b2.py train.steps
 """
 
 model = dict(
-    name="DiT-XL/2",          # create_model name: DiT-{S,B,L,XL}/{2,4,8}, DiM-{L,H}/2, ZigMa-{S,B,M,L,H}/{1,2},
+    name="DiT-XL/2",          # create_model name: DiT-{S,B,L,XL}/{2,4,8}, DiM-{L,H}/2, ZigMa-{S,B,M,L,H}/{1,2,4},
                               # or a family name ("DiT", "DiM", "ZigMa") built from kwargs
     kwargs={},                # more create_model keywords: hidden_size, depth, patch_size, ...
     learn_sigma=True,         # output 2*C channels: noise + variance interpolation (DDPM hybrid loss)
@@ -55,6 +55,8 @@ train = dict(
     fsdp=False,               # FSDP instead of DDP: shard parameters, gradients and optimizer state over the ranks
     run_dir="",               # empty: runs/<config file name>
     resume="none",            # "none", "auto" (newest checkpoint of run_dir, if any) or a checkpoint path
+    init_from="",             # a fresh run starts from this checkpoint's EMA weights (fine-tuning, e.g. a
+                              # converted official one: tools/convert_checkpoint.py); empty: random init
     overwrite=False,          # a fresh run may replace the checkpoints of an earlier run in run_dir
     ckpt_every=10_000,
     keep_last=2,              # checkpoints kept besides milestones

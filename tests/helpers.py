@@ -1,6 +1,5 @@
 """Test doubles and hand-derived counts shared by the backbone tests."""
 
-import math
 
 import torch
 import torch.nn as nn

@@ -8,13 +8,20 @@ zero-initialised parts cannot hide a wiring difference.
 """
 
 import math
+import subprocess
+import sys
 
 import pytest
 import torch
 import torch.nn.functional as F
 
+from ssm_tread import sampling
+from ssm_tread.diffusion import GaussianDiffusion
 from ssm_tread.models import create_model, load_official
 from ssm_tread.models.official import to_official, to_ours, unwrap_state_dict
+from ssm_tread.train.checkpoint import CheckpointError
+from ssm_tread.train.config import load_config
+from ssm_tread.train.trainer import train
 
 C, P, CLASSES, N_STATE = 4, 2, 10, 16
 
@@ -50,9 +57,9 @@ def zigma_layout(d, depth, size, classes=CLASSES):
     return shapes
 
 
-def dim_layout(d, depth, size, classes=CLASSES):
+def dim_layout(d, depth, size, classes=CLASSES, channels=C):
     n = (size // P) ** 2
-    shapes = {"additional_embed": (1, 2 + n, d), "pos_embed.proj.weight": (d, C, P, P), "pos_embed.proj.bias": (d,)}
+    shapes = {"additional_embed": (1, 2 + n, d), "pos_embed.proj.weight": (d, channels, P, P), "pos_embed.proj.bias": (d,)}
     for i in range(depth):
         shapes.update({f"transformer_blocks.{i}.scale_shift_table": (3, d), f"transformer_blocks.{i}.norm1.norm.weight": (d,)})
         shapes.update({f"transformer_blocks.{i}.attn1.{k}": v for k, v in mixer_shapes(d, 3).items()})
@@ -76,7 +83,7 @@ def dim_layout(d, depth, size, classes=CLASSES):
         "a4m_adapter.pad_token_dec_split": (1, 3, d), "a4m_adapter.pad_token": (1, d, 3),
         "a4m_adapter.first_smoother.weight": (d, 1, 3, 3), "a4m_adapter.first_smoother.bias": (d,),
         "a4m_adapter.last_smoother.weight": (d, 1, 3, 3), "a4m_adapter.last_smoother.bias": (d,),
-        "proj_out_2.weight": (P * P * C, d), "proj_out_2.bias": (P * P * C,),
+        "proj_out_2.weight": (P * P * channels, d), "proj_out_2.bias": (P * P * channels,),
         "proj_out_1.weight": (2 * d, d), "proj_out_1.bias": (2 * d,),
     })
     return shapes
@@ -364,3 +371,55 @@ def test_a_zigma_null_class_row_loads_when_label_dropout_is_asked_for():
     unconditional = random_state(zigma_layout(64, 9, 16, classes=0))
     model = load_official("ZigMa", unconditional)
     assert model.num_classes == 0 and model.y_embedder is None
+
+
+# ----------------------------------------------------------------------------------------------------
+# tools/convert_checkpoint.py: a converted official DiM samples with the official conventions and
+# initialises a fine-tuning run
+
+
+@pytest.fixture(scope="module")
+def converted(tmp_path_factory):
+    """A random official DiM for the digits (1x16x16, 10 classes), nested as a released file, converted."""
+    folder = tmp_path_factory.mktemp("convert")
+    official = random_state(dim_layout(32, 3, 16, channels=1))
+    torch.save({"ema": {f"module.{k}": v for k, v in official.items()}}, folder / "nnet_ema.pth")
+    out = folder / "dim_official" / "checkpoints" / "step-0000000.pt"
+    done = subprocess.run([sys.executable, "tools/convert_checkpoint.py", "--arch", "dim", str(folder / "nnet_ema.pth"),
+                           str(out), "--config", "configs/quickstart.py", "log.tensorboard=false"],
+                          capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    return official, out.parents[1]
+
+
+def test_converted_checkpoint_samples_with_the_official_conventions(converted, tmp_path):
+    official, run_dir = converted
+    model, diffusion, cfg = sampling.load_for_sampling(run_dir, torch.device("cpu"))
+    reference = load_official("DiM", official)
+    assert all(torch.equal(v, reference.state_dict()[k]) for k, v in model.state_dict().items())
+    assert isinstance(diffusion, GaussianDiffusion)
+    betas = torch.linspace(0.00085**0.5, 0.012**0.5, 1000, dtype=torch.float64) ** 2  # DDPM's "scaled linear"
+    torch.testing.assert_close(diffusion.betas, betas)
+    assert diffusion.model_time(torch.tensor([0, 999])).tolist() == [1.0, 1000.0]  # DiM is fed n = 1..1000
+    assert diffusion.respace(50).model_time(torch.tensor([49])).item() == 1000.0
+    assert (cfg["sample"]["sampler"], cfg["sample"]["steps"], cfg["sample"]["cfg_scale"]) == ("ddim", 50, 1.4)
+    out = sampling.sample_grid_file(run_dir, tmp_path / "grid.png", [0, 1], per_class=1, sample_overrides={"steps": 2})
+    assert out.is_file()
+
+
+def test_converted_checkpoint_initialises_fine_tuning(converted, tmp_path):
+    official, run_dir = converted
+    tiny = ["model.name=DiM", "model.learn_sigma=false", "routing.routes=[(1, 1, 0.5)]", "train.batch_size=4",
+            "train.steps=1", "log.tensorboard=false", "log.progress=false", "eval.num_samples=0",
+            "sample.steps=2", "sample.grid_classes=[0]", "sample.grid_per_class=1", "train.ckpt_every=0"]
+    size = "model.kwargs={'hidden_size': 32, 'depth': 3, 'patch_size': 2}"
+    cfg = load_config("configs/quickstart.py", [*tiny, size, f"train.init_from={run_dir}", f"train.run_dir={tmp_path / 'a'}"])
+    cfg["optim"]["lr"] = 0.0  # the first step leaves the weights as they were loaded
+    summary = train(cfg)
+    weights = torch.load(summary["checkpoint"], weights_only=True)["model"]
+    reference = load_official("DiM", official).state_dict()
+    assert all(torch.equal(weights[k], v) for k, v in reference.items())
+    wrong = "model.kwargs={'hidden_size': 32, 'depth': 5, 'patch_size': 2}"
+    cfg = load_config("configs/quickstart.py", [*tiny, wrong, f"train.init_from={run_dir}", f"train.run_dir={tmp_path / 'b'}"])
+    with pytest.raises(CheckpointError, match="train.init_from"):
+        train(cfg)

@@ -28,8 +28,8 @@ OBJECTIVES = ("ddpm", "flow")
 
 
 def create_diffusion(objective: str = "ddpm", **kwargs) -> GaussianDiffusion | FlowMatching:
-    """ddpm kwargs: num_timesteps=1000, schedule="linear"|"cosine", fixed_variance="large"|"small",
-    clip_denoised=False, ddim_eta=0.0. flow kwargs: time_dist="uniform"|"logit_normal", logit_mean=0.0,
+    """ddpm kwargs: num_timesteps=1000, schedule="linear"|"cosine"|"scaled_linear", fixed_variance="large"|"small",
+    clip_denoised=False, ddim_eta=0.0, timestep_offset=0. flow kwargs: time_dist="uniform"|"logit_normal", logit_mean=0.0,
     logit_std=1.0, time_scale=1000.0, sde_norm=1.0."""
     check_choice("objective", objective, OBJECTIVES)
     if objective == "ddpm":

@@ -32,7 +32,12 @@ def cosine_betas(num_timesteps: int, max_beta: float = 0.999) -> torch.Tensor:
     return (1 - alpha_bar[1:] / alpha_bar[:-1]).clamp(max=max_beta)
 
 
-BETA_SCHEDULES = {"linear": linear_betas, "cosine": cosine_betas}
+def scaled_linear_betas(num_timesteps: int) -> torch.Tensor:
+    """Latent diffusion's "scaled linear" schedule (DiM, U-ViT): sqrt(beta) linear from sqrt(0.00085) to sqrt(0.012)."""
+    return torch.linspace(0.00085**0.5, 0.012**0.5, num_timesteps, dtype=torch.float64) ** 2
+
+
+BETA_SCHEDULES = {"linear": linear_betas, "cosine": cosine_betas, "scaled_linear": scaled_linear_betas}
 
 
 def space_timesteps(num_timesteps: int, spec: str | int) -> list[int]:
@@ -87,7 +92,10 @@ def _extract(table: torch.Tensor, t: torch.Tensor, x: torch.Tensor) -> torch.Ten
 
 
 class GaussianDiffusion:
-    """DDPM with ``betas`` [T]; ``timestep_map`` gives each step's original timestep (respacing)."""
+    """DDPM with ``betas`` [T]; ``timestep_map`` gives each step's original timestep (respacing).
+
+    ``timestep_offset`` is added to the timestep the model receives: 1 for models trained on n = 1..T
+    (DiM, U-ViT) rather than 0..T-1."""
 
     objective = "ddpm"
     samplers = ("ddpm", "ddim")
@@ -102,6 +110,7 @@ class GaussianDiffusion:
         ddim_eta: float = 0.0,
         timestep_map: torch.Tensor | None = None,
         original_num_timesteps: int | None = None,
+        timestep_offset: int = 0,
     ):
         check_choice("fixed_variance", fixed_variance, ("large", "small"))
         betas = torch.as_tensor(betas, dtype=torch.float64)
@@ -113,6 +122,7 @@ class GaussianDiffusion:
         self.num_timesteps = len(betas)
         self.timestep_map = torch.arange(len(betas)) if timestep_map is None else torch.as_tensor(timestep_map)
         self.original_num_timesteps = original_num_timesteps or self.num_timesteps
+        self.timestep_offset = timestep_offset
 
         self.betas = betas
         alphas = 1 - betas
@@ -147,11 +157,12 @@ class GaussianDiffusion:
         return GaussianDiffusion(
             betas, self.fixed_variance, self.clip_denoised, self.ddim_eta,
             timestep_map=self.timestep_map[kept], original_num_timesteps=self.original_num_timesteps,
+            timestep_offset=self.timestep_offset,
         )
 
     def model_time(self, t: torch.Tensor) -> torch.Tensor:
-        """Step indices [B] -> the original timesteps the model receives, float32 [B]."""
-        return self.timestep_map.to(t.device)[t].float()
+        """Step indices [B] -> the original timesteps (+ ``timestep_offset``) the model receives, float32 [B]."""
+        return (self.timestep_map.to(t.device)[t] + self.timestep_offset).float()
 
     def normalised_time(self, i: int) -> float:
         """Step ``i`` in [0, 1] (0 = data, 1 = noise): what a guidance interval refers to."""

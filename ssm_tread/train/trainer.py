@@ -298,6 +298,9 @@ def train(cfg: dict) -> dict:
     torch.manual_seed(tc["seed"])
     model_name, model_kwargs = model_spec(cfg, dataset)
     model = create_model(model_name, **model_kwargs).to(device)
+    if resume is None and tc["init_from"]:  # fine-tuning: start from another run's (or a converted) EMA weights
+        init = load_checkpoint(tc["init_from"])
+        load_weights(model, init.get("ema", init["model"]), f"train.init_from={tc['init_from']!r}")
     ema = EMA(model, tc["ema_decay"])
     diffusion = create_diffusion(cfg["diffusion"]["objective"], **cfg["diffusion"]["kwargs"])
     macs = count_macs(model, routed=True)
