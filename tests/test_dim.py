@@ -246,3 +246,24 @@ def test_errors_for_bad_shapes_and_settings():
         model(x, t[:1], y)
     with pytest.raises(ValueError, match="expected t and y"):
         model(x, t, y.view(2, 1))
+
+
+def test_macs_match_a_hand_count():
+    """count_macs of a small DiM against the architecture, full and with route 1..3 at ratio 0.5."""
+    from ssm_tread.models import count_macs
+
+    d, depth, e, r, n_state, k = 32, 5, 64, 2, 16, 3
+    grid, seq = 16, 5 + 7 * 7  # 8x8 input, patch 2: a 4x4 grid padded to 7x7, plus 5 prefix tokens
+
+    def mixer(tokens):
+        return tokens * (d * 2 * e + e * k + e * (r + 2 * n_state) + r * e + e * d) + 2 * tokens * e * n_state
+
+    def total(tokens_per_block):
+        macs = grid * d * 4 * 4 + 2 * grid * d * 9 + 256 * d + d * d + d * 3 * d  # patches, convs, t MLP, adaLN-single
+        macs += sum(mixer(tokens) for tokens in tokens_per_block)
+        macs += sum(tokens_per_block[i] * 2 * d * d for i in (3, 4))  # skip fusion of blocks 3 and 4
+        return macs + d * 2 * d + grid * d * 4 * 4  # final adaLN and Linear
+
+    kept = seq - grid + (grid - grid // 2)
+    assert count_macs(tiny(), routed=False) == total([seq] * 5)
+    assert count_macs(tiny(routes=[(1, 3, 0.5)]), routed=True) == total([seq, kept, kept, kept, seq])
