@@ -493,8 +493,9 @@ def benchmark_step(
 
 def router_layout(model: nn.Module) -> dict:
     """What the model's forward hands the router: sequence length L, width D, the routable positions
-    (None: all), each block's scan order (None for attention) and which blocks fuse a long skip."""
-    length, hidden = model.pos_embed.shape[1], model.pos_embed.shape[2]
+    (None: all), each block's scan order (None for attention) and which blocks fuse and store a long skip."""
+    length = getattr(model, "seq_len", model.pos_embed.shape[1])  # DiM: prefix and padded grid
+    hidden = getattr(model, "stream_width", model.pos_embed.shape[2])  # ZigMa routes its pair [h | r]: 2D
     routable = getattr(model, "grid_positions", None)
     if routable is not None and routable.numel() == length:
         routable = None  # every token is routable (ZigMa): the model calls begin() without positions
@@ -502,15 +503,16 @@ def router_layout(model: nn.Module) -> dict:
     if hasattr(model, "scan_orders"):
         orders = [model.scan_orders[row] for row in model.block_scan]
     skips = [getattr(block, "skip_linear", None) is not None for block in model.blocks]
+    stores = getattr(model, "stores_skip", [False] * len(model.blocks))
     return {"length": length, "hidden": hidden, "routable": routable, "orders": orders, "skips": skips,
-            "depth": len(model.blocks)}
+            "stores": stores, "depth": len(model.blocks)}
 
 
 def _router_pass(router: TokenRouter, layout: dict, x: torch.Tensor) -> torch.Tensor:
     """The model's block loop with identity blocks: only the router's work (and, for scan models, the
     permutations into each routed block's restricted order and back) remains. Returns the output."""
     routing = router.begin(routable=layout["routable"], training=True)
-    depth, orders, skips = layout["depth"], layout["orders"], layout["skips"]
+    depth, orders, skips, stores = layout["depth"], layout["orders"], layout["skips"], layout["stores"]
     skip_stack = []
     h = x
     for i in range(depth):
@@ -522,7 +524,7 @@ def _router_pass(router: TokenRouter, layout: dict, x: torch.Tensor) -> torch.Te
             scan = routing.scan(orders[i])
             h = scan.restore(scan.apply(h))
         h = routing.exit(i, h)
-        if any(skips) and i < depth // 2:
+        if stores[i]:
             skip_stack.append((h, routing.tag()))
     return h
 

@@ -124,7 +124,7 @@ def test_router_overhead_on_scan_models(preset):
     assert result["scan_backend"] in ("torch", "reference", "mamba_ssm")
     model = bench.build_step(config).model
     n = model.grid_positions.numel()
-    fixed = model.pos_embed.shape[1] - n  # DiM's prefix and padding tokens are never routed
+    fixed = model.seq_len - n  # DiM's prefix and padding tokens are never routed
     assert o["kept"] == fixed + n - n // 2
 
 
