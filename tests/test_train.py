@@ -227,7 +227,7 @@ def test_weight_decay_skips_biases_norms_and_ssm_parameters():
     from ssm_tread.train.trainer import parameter_groups
 
     model = create_model("ZigMa", input_size=8, patch_size=2, in_channels=1, hidden_size=16, depth=2,
-                         num_classes=3, learn_sigma=False, d_state=4)
+                         num_classes=3, learn_sigma=False, d_state=4, pos_embed="sincos")
     decay, no_decay = parameter_groups(model, 0.03)
     assert decay["weight_decay"] == 0.03 and no_decay["weight_decay"] == 0.0
     names = {id(p): n for n, p in model.named_parameters()}
