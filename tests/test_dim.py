@@ -252,7 +252,7 @@ def test_macs_match_a_hand_count():
     """count_macs of a small DiM against the architecture, full and with route 1..3 at ratio 0.5."""
     from ssm_tread.models import count_macs
 
-    d, depth, e, r, n_state, k = 32, 5, 64, 2, 16, 3
+    d, e, r, n_state, k = 32, 64, 2, 16, 3  # depth 5 (tiny)
     grid, seq = 16, 5 + 7 * 7  # 8x8 input, patch 2: a 4x4 grid padded to 7x7, plus 5 prefix tokens
 
     def mixer(tokens):
