@@ -15,7 +15,7 @@ from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.tensor import DTensor
 
 from ssm_tread.models import create_model
-from ssm_tread.train.checkpoint import (
+from ssm_tread.checkpoint import (
     checkpoint_path,
     load_checkpoint,
     load_weights,

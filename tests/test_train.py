@@ -9,8 +9,8 @@ import sys
 import pytest
 import torch
 
-from ssm_tread.train import checkpoint as ckpt
-from ssm_tread.train.checkpoint import (
+from ssm_tread import checkpoint as ckpt
+from ssm_tread.checkpoint import (
     CheckpointError,
     latest_checkpoint,
     load_checkpoint,

@@ -18,7 +18,7 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from ssm_tread.sampling import sample_grid_file, sample_npz_file
-from ssm_tread.train.checkpoint import CheckpointError
+from ssm_tread.checkpoint import CheckpointError
 
 
 def main():

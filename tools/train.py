@@ -13,7 +13,7 @@ from pathlib import Path
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from ssm_tread.train.checkpoint import CheckpointError
+from ssm_tread.checkpoint import CheckpointError
 from ssm_tread.train.config import ConfigError, load_config
 from ssm_tread.train.trainer import TrainingError, train
 

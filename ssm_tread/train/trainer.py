@@ -23,7 +23,7 @@ from torch.distributed.device_mesh import init_device_mesh
 from torch.utils.data import DataLoader
 
 from ssm_tread.ops import set_backend
-from ssm_tread.train.checkpoint import (
+from ssm_tread.checkpoint import (
     CheckpointError,
     checkpoint_path,
     latest_checkpoint,
