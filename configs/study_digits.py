@@ -34,7 +34,7 @@ train.update(steps=250, batch_size=32, ema_decay=0.97, cpu_threads=1, ckpt_every
 log.update(every=25, grid_every=0, tensorboard=False)
 sample.update(sampler="euler", steps=10, batch_size=100, grid_classes=list(range(10)), grid_per_class=10,
               grid_cols=10)
-eval.update(num_samples=200, every=50)
+eval.update(num_samples=200, every=75)         # at steps 75, 150, 225 and the last, 250
 
 study = dict(
     backbones=_backbones,

@@ -26,6 +26,9 @@ def main():
     args = parser.parse_args()
     try:
         cfg = load_config(args.config, args.overrides + (["train.resume=auto"] if args.resume else []))
+        if "_study" in cfg:
+            print(f"{args.config} is a study: this trains its own config, one run of its grid; the whole grid: "
+                  f"python tools/benchmark.py study {args.config}")
         train(cfg)
     except (ConfigError, CheckpointError, TrainingError) as e:
         sys.exit(f"error: {e}")
