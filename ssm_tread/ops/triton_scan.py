@@ -13,16 +13,14 @@ a_t h_{t-1} = h_t - dt_t B_t u_t, so no state is ever divided by a decay. Sums o
 delta_bias) and over channels (B, C) are written per program and summed afterwards: deterministic.
 
 Triton kernels run on CUDA tensors, and on CPU tensors when ``TRITON_INTERPRET=1`` was set before
-triton was imported (how the tests run them).
+triton was imported (triton's own library functions are defined at its import): how the tests run them.
 """
 
 from __future__ import annotations
 
 import functools
-import importlib.util
 import math
 import os
-import sys
 
 import torch
 
@@ -47,20 +45,10 @@ def interpreted() -> bool:
 
 
 def _kernels():
-    """The (forward, backward) kernels, jitted for the interpreter when ``TRITON_INTERPRET=1``: triton
-    reads the variable when a kernel is defined, so they are defined on first use, once per mode."""
-    return _define_kernels(interpreted())
+    """(forward, backward) kernels; imported on first use, so that this module never needs triton."""
+    from ssm_tread.ops.triton_kernels import scan_bwd_kernel, scan_fwd_kernel
 
-
-@functools.cache
-def _define_kernels(interpret: bool):
-    """Executes triton_kernels.py as its own module per mode (jitted or interpreted)."""
-    name = "ssm_tread.ops.triton_kernels" + ("_interpreted" if interpret else "")
-    spec = importlib.util.spec_from_file_location(name, os.path.join(os.path.dirname(__file__), "triton_kernels.py"))
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module
-    spec.loader.exec_module(module)
-    return module.scan_fwd_kernel, module.scan_bwd_kernel
+    return scan_fwd_kernel, scan_bwd_kernel
 
 
 def launch_config(channels_per_group: int, state: int, block_e: int = BLOCK_E, chunk: int = CHUNK) -> dict:
