@@ -21,12 +21,14 @@ from __future__ import annotations
 import functools
 import math
 import os
+from typing import NamedTuple
 
 import torch
 
 CHUNK = 64  # steps per chunk: the length of one in-register scan
 BLOCK_E = 32  # channels per program
 NUM_WARPS = 8
+SIZE_ARGS = 23  # both kernels end with E, N, L, the three group sizes and the 17 strides of u, delta, z, B, C
 
 
 @functools.cache
@@ -68,34 +70,79 @@ def _strides(*tensors):
     return [s for t in tensors for s in t.stride()]
 
 
+class Launch(NamedTuple):
+    """One kernel launch: ``kernel[grid](*args, num_warps=NUM_WARPS, **constants)``."""
+
+    grid: tuple[int, int, int]
+    args: tuple
+    constants: dict
+
+
+def forward_launch(u, delta, A, B, C, D, z, delta_bias, softplus, chunk=None, block_e=None):
+    """The forward kernel's launch and its outputs: y [b, E, L] in u's dtype, the state entering each
+    chunk [b, chunks, E, N] and the last state [b, E, N] (float32). B, C are [b, G, N, L]."""
+    chunk, block_e = chunk or CHUNK, block_e or BLOCK_E
+    batch, channels, length = u.shape
+    state = A.shape[1]
+    groups = math.lcm(B.shape[1], C.shape[1])
+    per_group = channels // groups
+    config = launch_config(per_group, state, block_e, chunk)
+    y = torch.empty_like(u, memory_format=torch.contiguous_format)
+    states = u.new_empty(batch, -(-length // chunk), channels, state, dtype=torch.float32)
+    last = u.new_empty(batch, channels, state, dtype=torch.float32)
+    zz = z if z is not None else u  # absent tensors: any pointer, never read
+    args = (
+        u, delta, A, B, C, D if D is not None else A, zz, delta_bias if delta_bias is not None else A,
+        y, states, last,
+        channels, state, length, per_group, groups // B.shape[1], groups // C.shape[1],
+        *_strides(u, delta, zz, B, C),
+    )
+    flags = dict(HAS_D=D is not None, HAS_Z=z is not None, HAS_BIAS=delta_bias is not None, SOFTPLUS=softplus)
+    grid = (batch, groups, -(-per_group // config["BLOCK_E"]))
+    return Launch(grid, args, {**flags, **config}), (y, states, last)
+
+
+def backward_launch(forward: Launch, u, delta, A, B, C, D, z, delta_bias, states, grad_y, grad_last):
+    """The backward kernel's launch after ``forward``, and its outputs: gradients of u, delta, z
+    (their dtypes), per batch element of A, D, delta_bias, per channel block of B, C (float32)."""
+    batch, channels, length = u.shape
+    state = A.shape[1]
+    _, groups, blocks = forward.grid
+    f32 = dict(dtype=torch.float32, device=u.device)
+    grads = dict(
+        u=torch.empty_like(grad_y),
+        delta=torch.empty_like(grad_y, dtype=delta.dtype),
+        z=torch.empty_like(grad_y, dtype=z.dtype) if z is not None else None,
+        A=torch.empty(batch, channels, state, **f32),
+        D=torch.empty(batch, channels, **f32) if D is not None else None,
+        delta_bias=torch.empty(batch, channels, **f32) if delta_bias is not None else None,
+        B=torch.empty(batch, groups, blocks, state, length, **f32),
+        C=torch.empty(batch, groups, blocks, state, length, **f32),
+    )
+    zz = z if z is not None else u
+    args = (
+        u, delta, A, B, C, D if D is not None else A, zz, delta_bias if delta_bias is not None else A, states,
+        grad_y, grad_last if grad_last is not None else A,
+        grads["u"], grads["delta"], grads["z"] if z is not None else grads["u"],
+        grads["A"], grads["D"] if D is not None else grads["A"],
+        grads["delta_bias"] if delta_bias is not None else grads["A"],
+        grads["B"], grads["C"],
+        *forward.args[-SIZE_ARGS:],
+    )
+    return Launch(forward.grid, args, {**forward.constants, "HAS_DLAST": grad_last is not None}), grads
+
+
 class _TritonScan(torch.autograd.Function):
     """(u, delta, A, B, C, D, z, delta_bias) -> (y, h_L); see :func:`selective_scan_triton`."""
 
     @staticmethod
     def forward(ctx, u, delta, A, B, C, D, z, delta_bias, softplus, chunk, block_e):
         scan_fwd, _ = _kernels()
-        batch, channels, length = u.shape
-        state = A.shape[1]
-        groups = math.lcm(B.shape[1], C.shape[1])
-        per_group = channels // groups
-        cfg = launch_config(per_group, state, block_e, chunk)
-        chunks = -(-length // chunk)
         A = A.contiguous()
-        y = torch.empty_like(u, memory_format=torch.contiguous_format)
-        states = u.new_empty(batch, chunks, channels, state, dtype=torch.float32)
-        last = u.new_empty(batch, channels, state, dtype=torch.float32)
-        grid = (batch, groups, -(-per_group // cfg["BLOCK_E"]))
-        zz = z if z is not None else u
-        scan_fwd[grid](
-            u, delta, A, B, C, D if D is not None else A, zz, delta_bias if delta_bias is not None else A,
-            y, states, last,
-            channels, state, length, per_group, groups // B.shape[1], groups // C.shape[1],
-            *_strides(u, delta, zz, B, C),
-            HAS_D=D is not None, HAS_Z=z is not None, HAS_BIAS=delta_bias is not None, SOFTPLUS=softplus,
-            num_warps=NUM_WARPS, **cfg,
-        )
+        launch, (y, states, last) = forward_launch(u, delta, A, B, C, D, z, delta_bias, softplus, chunk, block_e)
+        scan_fwd[launch.grid](*launch.args, num_warps=NUM_WARPS, **launch.constants)
         ctx.save_for_backward(u, delta, A, B, C, D, z, delta_bias, states)
-        ctx.softplus, ctx.cfg, ctx.grid = softplus, cfg, grid
+        ctx.launch = launch._replace(args=launch.args[-SIZE_ARGS:])  # no reference to y
         ctx.set_materialize_grads(False)
         return y, last
 
@@ -104,47 +151,22 @@ class _TritonScan(torch.autograd.Function):
         _, scan_bwd = _kernels()
         u, delta, A, B, C, D, z, delta_bias, states = ctx.saved_tensors
         batch, channels, length = u.shape
-        state = A.shape[1]
-        groups, blocks = ctx.grid[1], ctx.grid[2]
+        groups = ctx.launch.grid[1]
         grad_y = torch.zeros_like(u) if grad_y is None else grad_y.contiguous()
-        f32 = dict(dtype=torch.float32, device=u.device)
-        grad_u, grad_delta = torch.empty_like(grad_y), torch.empty_like(grad_y, dtype=delta.dtype)
-        grad_z = torch.empty_like(grad_y, dtype=z.dtype) if z is not None else None
-        grad_A = torch.empty(batch, channels, state, **f32)
-        grad_D = torch.empty(batch, channels, **f32) if D is not None else None
-        grad_bias = torch.empty(batch, channels, **f32) if delta_bias is not None else None
-        grad_B = torch.empty(batch, groups, blocks, state, length, **f32)
-        grad_C = torch.empty_like(grad_B)
-        zz = z if z is not None else u
-        scan_bwd[ctx.grid](
-            u, delta, A, B, C, D if D is not None else A, zz, delta_bias if delta_bias is not None else A, states,
-            grad_y, grad_last.contiguous() if grad_last is not None else A,
-            grad_u, grad_delta, grad_z if z is not None else grad_u,
-            grad_A, grad_D if D is not None else grad_A, grad_bias if delta_bias is not None else grad_A,
-            grad_B, grad_C,
-            channels, state, length, channels // groups, groups // B.shape[1], groups // C.shape[1],
-            *_strides(u, delta, zz, B, C),
-            HAS_D=D is not None, HAS_Z=z is not None, HAS_BIAS=delta_bias is not None, SOFTPLUS=ctx.softplus,
-            HAS_DLAST=grad_last is not None, num_warps=NUM_WARPS, **ctx.cfg,
-        )
+        grad_last = grad_last.contiguous() if grad_last is not None else None
+        launch, grads = backward_launch(ctx.launch, u, delta, A, B, C, D, z, delta_bias, states, grad_y, grad_last)
+        scan_bwd[launch.grid](*launch.args, num_warps=NUM_WARPS, **launch.constants)
 
         def coarse(grad, like):  # [b, G, blocks, N, L] -> like's [b, G_like, N, L], summing channel blocks
-            grad = grad.sum(2)
-            grad = grad.view(batch, like.shape[1], groups // like.shape[1], state, length).sum(2)
+            grad = grad.sum(2).view(batch, like.shape[1], groups // like.shape[1], *grad.shape[-2:]).sum(2)
             return grad.to(like.dtype)
 
+        def over_batch(name, like):
+            return grads[name].sum(0).to(like.dtype) if like is not None else None
+
         return (
-            grad_u,
-            grad_delta,
-            grad_A.sum(0).to(A.dtype),
-            coarse(grad_B, B),
-            coarse(grad_C, C),
-            grad_D.sum(0).to(D.dtype) if D is not None else None,
-            grad_z,
-            grad_bias.sum(0).to(delta_bias.dtype) if delta_bias is not None else None,
-            None,
-            None,
-            None,
+            grads["u"], grads["delta"], over_batch("A", A), coarse(grads["B"], B), coarse(grads["C"], C),
+            over_batch("D", D), grads["z"], over_batch("delta_bias", delta_bias), None, None, None,
         )
 
 
