@@ -14,6 +14,9 @@
     # where the time goes: operator self time of one step per mode (torch.profiler)
     python tools/benchmark.py profile --configs zigma-s2 --threads 1 --out docs/results/bench_profile_cpu
 
+    # compile every Triton kernel for sm_90 (no GPU needed): registers, spills, shared memory per config
+    python tools/benchmark.py kernels --arch 90 --json docs/results/kernels_sm90.json
+
     # the digits convergence study (resumable; several workers share the runs), then its table and plots
     python tools/benchmark.py study configs/study_digits.py --out docs/results/study --workers 2
     python tools/benchmark.py study configs/study_digits.py --out docs/results/study --report-only
@@ -189,6 +192,16 @@ def study(args):
     print(f"wrote {Path(args.out) / 'study.md'}, {prefix}_{{steps,wallclock,cputime}}.png")
 
 
+def kernels(args):
+    from tools.bench.kernels import compile_kernels, kernel_table, write_json
+
+    results = compile_kernels(args.arch)
+    print(kernel_table(results, args.arch))
+    if args.json:
+        write_json(results, args.json)
+        print(f"wrote {args.json}")
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="command", required=True)
@@ -243,6 +256,11 @@ def main(argv=None):
     s.add_argument("--report-only", action="store_true", help="only merge the finished runs, write table and plots")
     s.add_argument("--plot-prefix", default="docs/figures/study_digits")
     s.set_defaults(run=study)
+
+    s = sub.add_parser("kernels", help="compile every Triton kernel for a GPU architecture: registers and spills")
+    s.add_argument("--arch", type=int, choices=[80, 90], required=True, help="compute capability: 80 (A100), 90 (H100)")
+    s.add_argument("--json", default=None, help="also write the results as a JSON list")
+    s.set_defaults(run=kernels)
     args = p.parse_args(argv)
     args.run(args)
 

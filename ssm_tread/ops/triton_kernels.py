@@ -31,6 +31,16 @@ def load_dt(delta_ptr, bias, offs, mask, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.co
 
 
 @triton.jit
+def load_dy_scan(dy_ptrs, z_ptrs, mask, HAS_Z: tl.constexpr):
+    """dLoss/d(scan output + D u) from dLoss/dy: dy * silu(z) when the output was gated."""
+    dy = tl.load(dy_ptrs, mask=mask, other=0.0).to(tl.float32)
+    if HAS_Z:
+        z = tl.load(z_ptrs, mask=mask, other=0.0).to(tl.float32)
+        dy *= z * tl.sigmoid(z)
+    return dy
+
+
+@triton.jit
 def scan_fwd_kernel(
     u_ptr, delta_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr,  # inputs
     y_ptr, states_ptr, last_ptr,  # outputs: y [b, E, L], states [b, chunks, E, N], last [b, E, N]
@@ -126,22 +136,14 @@ def scan_bwd_kernel(
         t = chunk * CHUNK + steps
         t_ok = t < L
         mask = row_ok[:, None] & t_ok[None, :]
-        t_next = t + 1
-        next_ok = row_ok[:, None] & (t_next < L)[None, :]
-        delta_base = delta_ptr + b * s_db
-        dt, raw = load_dt(delta_base, bias, e[:, None] * s_de + t[None, :] * s_dt, mask, HAS_BIAS, SOFTPLUS)
-        dt_next, _ = load_dt(delta_base, bias, e[:, None] * s_de + t_next[None, :] * s_dt, next_ok, HAS_BIAS,
-                             SOFTPLUS)
-        u = tl.load(u_ptr + b * s_ub + e[:, None] * s_ue + t[None, :] * s_ut, mask=mask, other=0.0).to(tl.float32)
-        dy = tl.load(dy_ptr + (b * E + e[:, None]) * L + t[None, :], mask=mask, other=0.0).to(tl.float32)
-        if HAS_Z:
-            z = tl.load(z_ptr + b * s_zb + e[:, None] * s_ze + t[None, :] * s_zt, mask=mask, other=0.0)
-            z = z.to(tl.float32)
-            gate = tl.sigmoid(z)
-            dy_scan = dy * z * gate  # dLoss/d(scan output + D u)
-        else:
-            dy_scan = dy
-        dtu = dt * u
+        next_ok = row_ok[:, None] & (t + 1 < L)[None, :]
+        offs = e[:, None] * s_de + t[None, :] * s_dt
+        dt, _ = load_dt(delta_ptr + b * s_db, bias, offs, mask, HAS_BIAS, SOFTPLUS)
+        dt_next, _ = load_dt(delta_ptr + b * s_db + s_dt, bias, offs, next_ok, HAS_BIAS, SOFTPLUS)
+        u_offs = u_ptr + b * s_ub + e[:, None] * s_ue + t[None, :] * s_ut
+        dtu = dt * tl.load(u_offs, mask=mask, other=0.0).to(tl.float32)
+        dy_scan = load_dy_scan(dy_ptr + (b * E + e[:, None]) * L + t[None, :],
+                               z_ptr + b * s_zb + e[:, None] * s_ze + t[None, :] * s_zt, mask, HAS_Z)
         y = tl.zeros((BLOCK_E, CHUNK), tl.float32)  # scan output, for dz
         grad_dtu = tl.zeros((BLOCK_E, CHUNK), tl.float32)  # dLoss/d(dt_t u_t)
         grad_dt = tl.zeros((BLOCK_E, CHUNK), tl.float32)  # dLoss/d dt_t through the decays
@@ -163,12 +165,15 @@ def scan_bwd_kernel(
             q = w * (h - bu)  # w_t a_t h_{t-1} = dLoss/d(dt_t A)
             grad_dt += q * A_n[:, None]
             grad_A = tl.where(cols[None, :] == n, grad_A + tl.sum(q * dt, axis=1)[:, None], grad_A)
-            grad_B_n = tl.sum(tl.where(row_ok[:, None], w * dtu, 0.0), axis=0)
-            grad_C_n = tl.sum(tl.where(row_ok[:, None], h * dy_scan, 0.0), axis=0)
+            grad_B_n = tl.sum(w * dtu, axis=0)  # rows past the group have dtu = dy_scan = 0
+            grad_C_n = tl.sum(h * dy_scan, axis=0)
             tl.store(dB_ptr + (partial + n) * L + t, grad_B_n, mask=t_ok)
             tl.store(dC_ptr + (partial + n) * L + t, grad_C_n, mask=t_ok)
             w0 = tl.sum(tl.where(steps[None, :] == 0, a * w, 0.0), axis=1)
             carry = tl.where(cols[None, :] == n, w0[:, None], carry)
+        # the inputs that the state loop did not need, loaded again rather than kept in registers
+        u = tl.load(u_offs, mask=mask, other=0.0).to(tl.float32)
+        _, raw = load_dt(delta_ptr + b * s_db, bias, offs, mask, HAS_BIAS, SOFTPLUS)
         grad_u = grad_dtu * dt
         grad_dt += grad_dtu * u
         if HAS_D:
@@ -176,6 +181,10 @@ def scan_bwd_kernel(
             grad_D += tl.sum(dy_scan * u, axis=1)
             y += D[:, None] * u
         if HAS_Z:
+            dy = tl.load(dy_ptr + (b * E + e[:, None]) * L + t[None, :], mask=mask, other=0.0).to(tl.float32)
+            z = tl.load(z_ptr + b * s_zb + e[:, None] * s_ze + t[None, :] * s_zt, mask=mask, other=0.0)
+            z = z.to(tl.float32)
+            gate = tl.sigmoid(z)
             grad_z = dy * y * gate * (1.0 + z * (1.0 - gate))
             tl.store(dz_ptr + (b * E + e[:, None]) * L + t[None, :], grad_z, mask=mask)
         if SOFTPLUS:

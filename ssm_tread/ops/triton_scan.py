@@ -26,8 +26,8 @@ from typing import NamedTuple
 import torch
 
 CHUNK = 64  # steps per chunk: the length of one in-register scan
-BLOCK_E = 32  # channels per program
-NUM_WARPS = 8
+BLOCK_E = 16  # channels per program
+LAUNCH_OPTIONS = dict(num_warps=8)  # 16 x 64 tiles, 4 elements a thread; no register spills (tools/bench/kernels.py)
 SIZE_ARGS = 23  # both kernels end with E, N, L, the three group sizes and the 17 strides of u, delta, z, B, C
 
 
@@ -71,7 +71,7 @@ def _strides(*tensors):
 
 
 class Launch(NamedTuple):
-    """One kernel launch: ``kernel[grid](*args, num_warps=NUM_WARPS, **constants)``."""
+    """One kernel launch: ``kernel[grid](*args, **LAUNCH_OPTIONS, **constants)``."""
 
     grid: tuple[int, int, int]
     args: tuple
@@ -140,7 +140,7 @@ class _TritonScan(torch.autograd.Function):
         scan_fwd, _ = _kernels()
         A = A.contiguous()
         launch, (y, states, last) = forward_launch(u, delta, A, B, C, D, z, delta_bias, softplus, chunk, block_e)
-        scan_fwd[launch.grid](*launch.args, num_warps=NUM_WARPS, **launch.constants)
+        scan_fwd[launch.grid](*launch.args, **LAUNCH_OPTIONS, **launch.constants)
         ctx.save_for_backward(u, delta, A, B, C, D, z, delta_bias, states)
         ctx.launch = launch._replace(args=launch.args[-SIZE_ARGS:])  # no reference to y
         ctx.set_materialize_grads(False)
@@ -155,7 +155,7 @@ class _TritonScan(torch.autograd.Function):
         grad_y = torch.zeros_like(u) if grad_y is None else grad_y.contiguous()
         grad_last = grad_last.contiguous() if grad_last is not None else None
         launch, grads = backward_launch(ctx.launch, u, delta, A, B, C, D, z, delta_bias, states, grad_y, grad_last)
-        scan_bwd[launch.grid](*launch.args, num_warps=NUM_WARPS, **launch.constants)
+        scan_bwd[launch.grid](*launch.args, **LAUNCH_OPTIONS, **launch.constants)
 
         def coarse(grad, like):  # [b, G, blocks, N, L] -> like's [b, G_like, N, L], summing channel blocks
             grad = grad.sum(2).view(batch, like.shape[1], groups // like.shape[1], *grad.shape[-2:]).sum(2)
