@@ -160,7 +160,10 @@ def scan_bwd_kernel(
             # w_t = C_t dy_t + a_{t+1} w_{t+1}; past the chunk's end, a_{t+1} w_{t+1} is the carry
             c = dy_scan * C_n[None, :]
             c += tl.where(steps[None, :] == CHUNK - 1, column(carry, cols, n)[:, None], 0.0)
-            _, w = tl.associative_scan((tl.exp(dt_next * A_n[:, None]), c), 1, affine, reverse=True)
+            # a reverse scan as flip(scan(flip)): the order in which associative_scan(reverse=True) passes
+            # a non-commutative combine's arguments has changed across Triton releases (triton#4362)
+            _, w = tl.associative_scan((tl.flip(tl.exp(dt_next * A_n[:, None]), 1), tl.flip(c, 1)), 1, affine)
+            w = tl.flip(w, 1)
             grad_dtu += w * B_n[None, :]
             q = w * (h - bu)  # w_t a_t h_{t-1} = dLoss/d(dt_t A)
             grad_dt += q * A_n[:, None]

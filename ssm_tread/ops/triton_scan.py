@@ -25,9 +25,9 @@ from typing import NamedTuple
 
 import torch
 
-CHUNK = 64  # steps per chunk: the length of one in-register scan
+CHUNK = 32  # steps per chunk: the length of one in-register scan
 BLOCK_E = 16  # channels per program
-LAUNCH_OPTIONS = dict(num_warps=8)  # 16 x 64 tiles, 4 elements a thread; no register spills (tools/bench/kernels.py)
+LAUNCH_OPTIONS = dict(num_warps=4)  # [16, 32] tiles, 4 elements a thread: no register spills (tools/bench/kernels.py)
 SIZE_ARGS = 23  # both kernels end with E, N, L, the three group sizes and the 17 strides of u, delta, z, B, C
 
 
