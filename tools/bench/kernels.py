@@ -42,12 +42,18 @@ def mixer_inputs(channels: int, length: int, dtype: torch.dtype, batch: int = 2)
     )
 
 
-def scan_launches(channels: int, length: int, dtype: torch.dtype) -> list:
-    """[(kernel, launch)] of one mixer scan, forward and backward (no gradient for the last state)."""
+def scan_launches(channels: int, length: int, dtype: torch.dtype, mixer: bool = True) -> list:
+    """[(kernel, launch)] of one scan, forward and backward: as the mixer calls it (D, z, delta_bias,
+    softplus; no gradient for the last state), or with ``mixer=False`` the bare recurrence with a
+    gradient for the last state."""
     forward_kernel, backward_kernel = triton_scan._kernels()
     x = mixer_inputs(channels, length, dtype)
-    forward, (y, states, _) = triton_scan.forward_launch(**x, softplus=True)
-    backward, _ = triton_scan.backward_launch(forward, **x, states=states, grad_y=torch.zeros_like(y), grad_last=None)
+    if not mixer:
+        x.update(D=None, z=None, delta_bias=None)
+    forward, (y, states, last) = triton_scan.forward_launch(**x, softplus=mixer)
+    grad_last = None if mixer else torch.zeros_like(last)
+    backward, _ = triton_scan.backward_launch(forward, **x, states=states, grad_y=torch.zeros_like(y),
+                                              grad_last=grad_last)
     return [(forward_kernel, forward), (backward_kernel, backward)]
 
 
@@ -95,22 +101,23 @@ def compile_kernels(arch: int, progress=print) -> list[dict]:
 
     if triton_scan.interpreted():
         raise RuntimeError("TRITON_INTERPRET is set: unset it to compile kernels (the interpreter has no compiler)")
+    runs = [(f"{label} layer E={channels} L={length}, {DTYPES[dtype]}", scan_launches(channels, length, dtype))
+            for label, channels, length in LAYERS for dtype in (torch.float32, torch.bfloat16)]
+    runs.append(("bare scan (no D, z, delta_bias, softplus; last-state gradient) E=2048 L=366, fp32",
+                 scan_launches(2048, 366, torch.float32, mixer=False)))
+    options = " ".join(f"{k}={v}" for k, v in triton_scan.LAUNCH_OPTIONS.items())
     results = []
-    for label, channels, length in LAYERS:
-        for dtype in (torch.float32, torch.bfloat16):
-            for kernel, launch in scan_launches(channels, length, dtype):
-                signature, constants, attrs = specialise(kernel, launch)
-                source = ASTSource(kernel, signature, constants, attrs)
-                compiled, registers, spills = compile_with_usage(source, arch, triton_scan.LAUNCH_OPTIONS)
-                blocks = " ".join(f"{k}={launch.constants[k]}" for k in ("BLOCK_E", "BLOCK_N", "CHUNK"))
-                options = " ".join(f"{k}={v}" for k, v in triton_scan.LAUNCH_OPTIONS.items())
-                config = f"{label} layer E={channels} L={length}, {DTYPES[dtype]}, {blocks}, {options}"
-                result = dict(
-                    kernel=kernel.fn.__name__, config=config, registers=registers, spills=spills,
-                    shared=compiled.metadata.shared,
-                )
-                progress(f"compiled {result['kernel']} for sm_{arch}: {config}")
-                results.append(result)
+    for label, launches in runs:
+        for kernel, launch in launches:
+            signature, constants, attrs = specialise(kernel, launch)
+            compiled, registers, spills = compile_with_usage(
+                ASTSource(kernel, signature, constants, attrs), arch, triton_scan.LAUNCH_OPTIONS
+            )
+            blocks = " ".join(f"{k}={launch.constants[k]}" for k in ("BLOCK_E", "BLOCK_N", "CHUNK"))
+            result = dict(kernel=kernel.fn.__name__, config=f"{label}, {blocks}, {options}", registers=registers,
+                          spills=spills, shared=compiled.metadata.shared)
+            progress(f"compiled {result['kernel']} for sm_{arch}: {result['config']}")
+            results.append(result)
     return results
 
 
