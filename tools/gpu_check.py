@@ -40,6 +40,27 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import torch  # noqa: E402
 
+
+def tqdm_stand_in() -> None:
+    """ssm_tread.diffusion imports tqdm for its samplers' optional progress bars; on a machine with only
+    torch, triton and einops a pass-through stands in for it (this check shows no progress bars)."""
+    try:
+        import tqdm.auto  # noqa: F401
+    except ImportError:
+        stand_in = types.ModuleType("tqdm.auto")
+        stand_in.tqdm = lambda iterable, **kwargs: iterable
+        sys.modules.setdefault("tqdm", types.ModuleType("tqdm"))
+        sys.modules["tqdm.auto"] = stand_in
+
+
+tqdm_stand_in()
+
+from ssm_tread import diffusion as ssm_diffusion  # noqa: E402
+from ssm_tread import models  # noqa: E402
+from ssm_tread.ops import selective_scan  # noqa: E402
+from ssm_tread.ops.bench import benchmark_scan, scan_inputs  # noqa: E402
+from ssm_tread.ops.selective_scan import check_backend  # noqa: E402
+
 BACKBONES = ("DiT-XL/2", "DiM-L/2", "ZigMa-B/2")
 TARGETS = {"dit_mfu": 0.45, "tread_efficiency": 0.90, "triton_over_torch": 5.0}
 
@@ -58,21 +79,6 @@ def sizes(dry_run: bool) -> dict:
         parity=(1, 8, 4, 40), scan_state=4, scan_shapes={"DiM-L/2": (8, 23), "ZigMa-B/2": (8, 16)},
         scan_warmup=0, scan_repeats=1, warmup=1, steps=2, sample_steps=2, matmul=256, compile_backend="eager",
     )
-
-
-def library():
-    """ssm_tread's models, diffusion and ops. ssm_tread.diffusion imports tqdm for its samplers' optional
-    progress bars; on a machine with only torch, triton and einops a pass-through stands in for it."""
-    try:
-        import tqdm.auto  # noqa: F401
-    except ImportError:
-        stand_in = types.ModuleType("tqdm.auto")
-        stand_in.tqdm = lambda iterable, **kwargs: iterable
-        sys.modules.setdefault("tqdm", types.ModuleType("tqdm"))
-        sys.modules["tqdm.auto"] = stand_in
-    from ssm_tread import diffusion, models, ops
-
-    return models, diffusion, ops
 
 
 def synchronize(device: torch.device) -> None:
@@ -121,10 +127,7 @@ def matmul_peak_tflops(device: torch.device, size: int) -> float:
 
 
 def scan_parity(device: torch.device, cfg: dict) -> dict:
-    _, _, ops = library()
-    from ssm_tread.ops.bench import scan_inputs
-
-    backends = ["torch"] + ["triton"] * usable(ops, "triton", device)
+    backends = ["torch"] + ["triton"] * usable("triton", device)
     batch, channels, state, length = cfg["parity"]
     rows = []
     for dtype, tolerance in ((torch.float32, 1e-3), (torch.bfloat16, 3e-2)):
@@ -137,14 +140,12 @@ def scan_parity(device: torch.device, cfg: dict) -> dict:
             worst = max(errors, key=errors.get)
             rows.append(dict(backend=backend, dtype=str(dtype).replace("torch.", ""), worst=worst,
                              max_rel_error=errors[worst], tolerance=tolerance, ok=errors[worst] <= tolerance))
-    missing = [] if "triton" in backends else ["triton: " + unusable_reason(ops, "triton", device)]
+    missing = [] if "triton" in backends else ["triton: " + unusable_reason("triton", device)]
     return dict(rows=rows, ok=all(r["ok"] for r in rows), not_run=missing)
 
 
 def scan_outputs(inputs: dict, backend: str) -> dict:
     """y, the last state and the gradients of a fixed random linear function of both."""
-    from ssm_tread.ops import selective_scan
-
     inputs = {k: v.detach().requires_grad_() for k, v in inputs.items()}
     y, last = selective_scan(**inputs, delta_softplus=True, return_last_state=True, backend=backend)
     g = torch.Generator().manual_seed(0)
@@ -159,26 +160,22 @@ def relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
     return float((actual - expected).abs().max() / expected.abs().max().clamp_min(1e-12))
 
 
-def usable(ops, backend: str, device: torch.device) -> bool:
-    return unusable_reason(ops, backend, device) == ""
+def usable(backend: str, device: torch.device) -> bool:
+    return unusable_reason(backend, device) == ""
 
 
-def unusable_reason(ops, backend: str, device: torch.device) -> str:
-    from ssm_tread.ops.selective_scan import _usable
-
+def unusable_reason(backend: str, device: torch.device) -> str:
+    """Why the selective-scan ``backend`` cannot run on ``device`` ("" when it can)."""
     try:
-        _usable(backend, device)
+        check_backend(backend, device)
     except RuntimeError as e:
         return str(e)
     return ""
 
 
 def scan_speed(device: torch.device, cfg: dict) -> dict:
-    _, _, ops = library()
-    from ssm_tread.ops.bench import benchmark_scan
-
-    backends = [b for b in ("triton", "torch", "mamba_ssm") if usable(ops, b, device)]
-    not_run = [f"{b}: {unusable_reason(ops, b, device)}" for b in ("triton", "mamba_ssm") if b not in backends]
+    backends = [b for b in ("triton", "torch", "mamba_ssm") if usable(b, device)]
+    not_run = [f"{b}: {unusable_reason(b, device)}" for b in ("triton", "mamba_ssm") if b not in backends]
     rows = []
     for label, (channels, length) in cfg["scan_shapes"].items():
         times = benchmark_scan(cfg["batch"], channels, cfg["scan_state"], length, backends, str(device),
@@ -203,7 +200,6 @@ def training_step(model, diffusion, optimizer, x, y, device) -> torch.Tensor:
 
 def build(name: str, cfg: dict, device: torch.device, tread: bool):
     """(model, AdamW, diffusion, x, y): the backbone, with the paper's TREAD route when ``tread``."""
-    models, diffusion, _ = library()
     overrides = cfg["overrides"].get(name, {})
     with torch.device("meta"):
         depth = models.create_model(name, **overrides).router.depth
@@ -215,7 +211,7 @@ def build(name: str, cfg: dict, device: torch.device, tread: bool):
     size = model.input_size
     x = torch.randn(cfg["batch"], model.in_channels, size, size, device=device)
     y = torch.randint(0, model.num_classes, (cfg["batch"],), device=device)
-    return model, optimizer, diffusion.create_diffusion("ddpm"), x, y
+    return model, optimizer, ssm_diffusion.create_diffusion("ddpm"), x, y
 
 
 def time_training(model, optimizer, diffusion, x, y, device, cfg: dict) -> dict:
@@ -236,7 +232,6 @@ def time_training(model, optimizer, diffusion, x, y, device, cfg: dict) -> dict:
 
 
 def training(device: torch.device, cfg: dict, peak: float) -> dict:
-    models, _, _ = library()
     rows = []
     for name in BACKBONES:
         for tread in (False, True):
@@ -255,32 +250,32 @@ def training(device: torch.device, cfg: dict, peak: float) -> dict:
 
 
 def sampling(device: torch.device, cfg: dict) -> dict:
-    _, diffusion_lib, _ = library()
     rows = []
     for name in BACKBONES:
-        model, optimizer, diffusion, x, y = build(name, cfg, device, tread=False)
-        del optimizer
-        model.eval()
-        guidance = diffusion_lib.Guidance(cfg_scale=4.0)
-        tokens = (model.input_size // 2) ** 2
-
-        def sample():
-            with autocast(device):
-                return diffusion.sample(model, torch.randn_like(x), {"y": y}, sampler="ddim",
-                                        steps=cfg["sample_steps"], guidance=guidance)
-
-        sample()
-        seconds = median_seconds(sample, device, 2)
-        rows.append(dict(backbone=name, tokens=tokens, batch=x.shape[0], steps=cfg["sample_steps"], cfg_scale=4.0,
-                         pass_s=seconds, ms_per_step=seconds / cfg["sample_steps"] * 1e3,
-                         images_per_s=x.shape[0] / seconds))
-        del model
+        rows.append(sampling_pass(name, device, cfg))
         reset_memory(device)
     return dict(rows=rows)
 
 
+def sampling_pass(name: str, device: torch.device, cfg: dict) -> dict:
+    """A DDIM pass of ``cfg['sample_steps']`` steps with classifier-free guidance (scale 4) at batch size."""
+    model, _, diffusion, x, y = build(name, cfg, device, tread=False)
+    model.eval()
+    guidance = ssm_diffusion.Guidance(cfg_scale=4.0)
+
+    def sample():
+        with autocast(device):
+            return diffusion.sample(model, torch.randn_like(x), {"y": y}, sampler="ddim", steps=cfg["sample_steps"],
+                                    guidance=guidance)
+
+    sample()
+    seconds = median_seconds(sample, device, 2)
+    steps = cfg["sample_steps"]
+    return dict(backbone=name, tokens=(model.input_size // 2) ** 2, batch=x.shape[0], steps=steps, cfg_scale=4.0,
+                pass_s=seconds, ms_per_step=seconds / steps * 1e3, images_per_s=x.shape[0] / seconds)
+
+
 def compiled_training(device: torch.device, cfg: dict, peak: float, eager: dict | None) -> dict:
-    models, _, _ = library()
     model, optimizer, diffusion, x, y = build("DiT-XL/2", cfg, device, tread=False)
     macs = models.count_macs(model, routed=False)
     compiled = torch.compile(model, backend=cfg["compile_backend"])

@@ -69,11 +69,12 @@ def active_backend(device: torch.device | str) -> str:
         if mamba_ssm_scan_fn() is not None:
             return "mamba_ssm"
         return "triton" if triton_available() else "torch"
-    return _usable(name, device)
+    return check_backend(name, device)
 
 
-def _usable(name: str, device: torch.device) -> str:
+def check_backend(name: str, device: torch.device | str) -> str:
     """``name`` if it can run on ``device``; a clear error otherwise."""
+    device = torch.device(device)
     _check_name(name)
     if name == "mamba_ssm":
         if mamba_ssm_scan_fn() is None:
@@ -130,7 +131,7 @@ def selective_scan(
 ):
     """y [batch, E, L] in u's dtype; with ``return_last_state`` also (y, h_L [batch, E, N] float32)."""
     _check_shapes(u, delta, A, B, C, D, z, delta_bias)
-    name = active_backend(u.device) if backend is None else _usable(backend, u.device)
+    name = active_backend(u.device) if backend is None else check_backend(backend, u.device)
     if (name, u.device.type) not in _logged:
         _logged.add((name, u.device.type))
         logger.info("selective scan backend on %s: %s", u.device.type, name)
