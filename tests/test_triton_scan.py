@@ -134,6 +134,15 @@ def test_interpreted_only_output_or_only_last_state(interpreter, use_y, use_last
     check(make_inputs(1, 4, 2, 10), use_y=use_y, use_last=use_last)
 
 
+def test_interpreted_strided_inputs_as_the_mixer_passes_them(interpreter):
+    """The Mamba mixer passes dt and z as [b, E, L] views of [b, L, *] projections (stride 1 along E)."""
+    inputs = make_inputs(2, 6, 3, 19)
+    for name in ("delta", "z"):
+        inputs[name] = inputs[name].detach().transpose(1, 2).contiguous().transpose(1, 2).requires_grad_()
+    assert inputs["delta"].stride() == (19 * 6, 1, 6)
+    check(inputs)
+
+
 def test_interpreted_bf16_inputs_keep_a_float32_state(interpreter):
     inputs = make_inputs(1, 4, 3, 12, dtype=torch.bfloat16)
     check(inputs, rtol=2e-2)
