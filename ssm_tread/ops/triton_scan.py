@@ -46,7 +46,7 @@ def interpreted() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
-def _kernels():
+def scan_kernels():
     """(forward, backward) kernels; imported on first use, so that this module never needs triton."""
     from ssm_tread.ops.triton_kernels import scan_bwd_kernel, scan_fwd_kernel
 
@@ -56,13 +56,13 @@ def _kernels():
 def launch_config(channels_per_group: int, state: int, block_e: int = BLOCK_E, chunk: int = CHUNK) -> dict:
     """The block sizes a call uses: channels per program shrink to fit a small group."""
     return dict(
-        BLOCK_E=min(block_e, triton_next_power_of_2(channels_per_group)),
-        BLOCK_N=triton_next_power_of_2(state),
+        BLOCK_E=min(block_e, next_power_of_2(channels_per_group)),
+        BLOCK_N=next_power_of_2(state),
         CHUNK=chunk,
     )
 
 
-def triton_next_power_of_2(n: int) -> int:
+def next_power_of_2(n: int) -> int:
     return 1 << max(n - 1, 0).bit_length()
 
 
@@ -137,7 +137,7 @@ class _TritonScan(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, u, delta, A, B, C, D, z, delta_bias, softplus, chunk, block_e):
-        scan_fwd, _ = _kernels()
+        scan_fwd, _ = scan_kernels()
         A = A.contiguous()
         launch, (y, states, last) = forward_launch(u, delta, A, B, C, D, z, delta_bias, softplus, chunk, block_e)
         scan_fwd[launch.grid](*launch.args, **LAUNCH_OPTIONS, **launch.constants)
@@ -148,7 +148,7 @@ class _TritonScan(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_y, grad_last):
-        _, scan_bwd = _kernels()
+        _, scan_bwd = scan_kernels()
         u, delta, A, B, C, D, z, delta_bias, states = ctx.saved_tensors
         batch, channels, length = u.shape
         groups = ctx.launch.grid[1]

@@ -46,7 +46,7 @@ def scan_launches(channels: int, length: int, dtype: torch.dtype, mixer: bool = 
     """[(kernel, launch)] of one scan, forward and backward: as the mixer calls it (D, z, delta_bias,
     softplus; no gradient for the last state), or with ``mixer=False`` the bare recurrence with a
     gradient for the last state."""
-    forward_kernel, backward_kernel = triton_scan._kernels()
+    forward_kernel, backward_kernel = triton_scan.scan_kernels()
     x = mixer_inputs(channels, length, dtype)
     if not mixer:
         x.update(D=None, z=None, delta_bias=None)
