@@ -222,8 +222,8 @@ def test_forcing_unavailable_mamba_ssm_names_the_install_command(monkeypatch):
 
 
 def test_unknown_backend_lists_valid_names(monkeypatch):
-    for call in (lambda: set_backend("cuda"), lambda: selective_scan(**make_inputs(1, 2, 2, 3), backend="triton")):
-        with pytest.raises(ValueError, match="mamba_ssm, torch, reference"):
+    for call in (lambda: set_backend("cuda"), lambda: selective_scan(**make_inputs(1, 2, 2, 3), backend="cutlass")):
+        with pytest.raises(ValueError, match="mamba_ssm, triton, torch, reference"):
             call()
     monkeypatch.setenv(scan_module.ENV_VAR, "fast")
     with pytest.raises(ValueError, match="valid backends"):

@@ -20,6 +20,9 @@
     python tools/benchmark.py study configs/study_digits.py --seeds 0 --backbones DiM
     python tools/benchmark.py study configs/study_digits.py --report-only
 
+    # compile every Triton kernel for sm_90 (no GPU needed): registers, spills, shared memory per config
+    python tools/benchmark.py kernels --arch 90 --json docs/results/kernels_sm90.json
+
 A step config is a preset (dit-b2, zigma-s2, dim-s2, dit-tiny, zigma-tiny, dim-tiny) or key=value pairs:
 model=NAME (create_model), batch=N, route=START:END:RATIO (";" between routes; default 2 -> depth-4 at 0.5),
 objective=ddpm|flow, precision=fp32|bf16, label=TEXT, and any model override (hidden_size=384, depth=25, ...);
@@ -168,6 +171,16 @@ def study(args):
     print(f"wrote {out / 'study.md'}, {args.plot_prefix}_{{steps,wallclock,cputime}}.png")
 
 
+def kernels(args):
+    from tools.bench.kernels import compile_kernels, kernel_table, write_json
+
+    results = compile_kernels(args.arch)
+    print(kernel_table(results, args.arch))
+    if args.json:
+        write_json(results, args.json)
+        print(f"wrote {args.json}")
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="command", required=True)
@@ -227,6 +240,11 @@ def main(argv=None):
     s.add_argument("--report-only", action="store_true", help="train nothing: tables and plots of the finished runs")
     s.add_argument("--plot-prefix", default="docs/figures/study_digits")
     s.set_defaults(run=study)
+
+    s = sub.add_parser("kernels", help="compile every Triton kernel for a GPU architecture: registers and spills")
+    s.add_argument("--arch", type=int, choices=[80, 90], required=True, help="compute capability: 80 (A100), 90 (H100)")
+    s.add_argument("--json", default=None, help="also write the results as a JSON list")
+    s.set_defaults(run=kernels)
     args = p.parse_args(argv)
     args.run(args)
 
