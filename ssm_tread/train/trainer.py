@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import resource
 import signal
 import time
@@ -22,13 +23,16 @@ import torch.distributed as dist
 from torch.distributed.device_mesh import init_device_mesh
 from torch.utils.data import DataLoader
 
+from ssm_tread.errors import UserError
 from ssm_tread.ops import set_backend
+from ssm_tread.train.rng import isolated_rng
 from ssm_tread.train.checkpoint import (
     CheckpointError,
     checkpoint_path,
     latest_checkpoint,
     list_checkpoints,
     load_checkpoint,
+    load_newest_good,
     load_weights,
     prune_checkpoints,
     save_checkpoint,
@@ -42,9 +46,11 @@ from ssm_tread.train.fsdp import (
     no_gradient_sync,
     shard,
 )
+from ssm_tread.train.runlock import RunLock
+from ssm_tread.train.validate import check_config
 
 
-class TrainingError(RuntimeError):
+class TrainingError(UserError, RuntimeError):
     """A run that cannot go on; the message names the problem and the fix."""
 
 
@@ -53,10 +59,7 @@ def build_dataset_from(cfg: dict):
 
     data = cfg["data"]
     if data["name"] == "latents":
-        if not Path(data["root"]).is_dir():
-            raise ConfigError(f"data.root={data['root']!r} does not exist: extract the ImageNet latents there "
-                              f"(tools/extract_latents.py) or point data.root=/path/to/latents at them")
-        return build_dataset("latents", root=data["root"], **data["kwargs"])
+        return build_dataset("latents", root=data["root"], verify=data["verify"], **data["kwargs"])
     return build_dataset(data["name"], **data["kwargs"])
 
 
@@ -227,20 +230,33 @@ def gather_objects(obj, world: int) -> list:
     return out
 
 
-def find_resume(cfg: dict, ckpt_dir: Path) -> Path | None:
-    """The checkpoint to continue from, or None for a fresh run (which must not clobber an earlier one)."""
+def find_resume(cfg: dict, ckpt_dir: Path, say=print) -> dict | None:
+    """The loaded checkpoint to continue from, or None for a fresh run (which must not clobber an earlier one).
+
+    ``train.resume=auto`` takes the newest good checkpoint, saying which corrupt ones it passed over, or
+    says that it starts fresh when there is none."""
     resume, newest = cfg["train"]["resume"], latest_checkpoint(ckpt_dir)
     if resume == "auto":
-        return newest
+        state = load_newest_good(ckpt_dir, say)
+        if state is None:
+            say(f"--resume: no checkpoint in {ckpt_dir}; starting fresh from step 0")
+        return state
     if resume != "none":
-        if not Path(resume).is_file():
-            raise CheckpointError(f"train.resume={resume!r} is not a file; pass a checkpoint path, 'auto' or 'none'")
-        return Path(resume)
+        return load_checkpoint(resume)
     if newest is not None and not cfg["train"]["overwrite"]:
         raise TrainingError(f"{ckpt_dir} already holds checkpoints (newest {newest.name}): continue that run with "
                             f"--resume (train.resume=auto), start over with train.overwrite=true, "
                             f"or choose another train.run_dir")
     return None
+
+
+def set_hyperparameters(optimizer: torch.optim.Optimizer, optim: dict) -> None:
+    """The config's AdamW settings on the groups of :func:`parameter_groups`, over those a loaded state brought:
+    a resumed run follows the config given now. ``initial_lr`` is the base of the schedule."""
+    decay, no_decay = optimizer.param_groups
+    for group, weight_decay in ((decay, optim["weight_decay"]), (no_decay, 0.0)):
+        group.update(lr=optim["lr"], initial_lr=optim["lr"], betas=tuple(optim["betas"]), eps=optim["eps"],
+                     weight_decay=weight_decay)
 
 
 def parameter_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
@@ -254,13 +270,25 @@ def parameter_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
 
 
 def train(cfg: dict) -> dict:
-    """Train as ``cfg`` says; returns a summary (run_dir, step, last checkpoint, final eval metrics)."""
+    """Train as ``cfg`` says; returns a summary (run_dir, step, last checkpoint, final eval metrics).
+
+    The whole config is checked first (ConfigError, one line per problem; nothing is created). Rank 0
+    holds the run dir's lock while the run lasts."""
+    check_config(cfg)
+    run_dir = Path(cfg["train"]["run_dir"] or f"runs/{cfg['_name']}")
+    if int(os.environ.get("RANK", 0)):
+        return _train(cfg, run_dir)
+    with RunLock(run_dir):
+        return _train(cfg, run_dir)
+
+
+def _train(cfg: dict, run_dir: Path) -> dict:
     from accelerate import Accelerator
 
     from ssm_tread.diffusion import create_diffusion
     from ssm_tread.models import count_macs, create_model
     from ssm_tread.sampling import generate, grid_labels, save_grid
-    from ssm_tread.train.evaluation import Evaluation, check_eval_config
+    from ssm_tread.train.evaluation import Evaluation
 
     tc, oc, lc, sc, ec = cfg["train"], cfg["optim"], cfg["log"], cfg["sample"], cfg["eval"]
     cuda = torch.cuda.is_available()
@@ -272,27 +300,13 @@ def train(cfg: dict) -> dict:
     if cuda and tc["tf32"]:
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
-    if tc["batch_size"] % (world * tc["grad_accum"]):
-        raise ConfigError(f"train.batch_size={tc['batch_size']} is not divisible by {world} ranks x "
-                          f"train.grad_accum={tc['grad_accum']}; change one of them")
     micro = tc["batch_size"] // (world * tc["grad_accum"])
-    if tc["fsdp"] and tc["compile"]:
-        raise ConfigError("train.compile does not combine with train.fsdp (FSDP's per-block gathers break the "
-                          "compiled graph); set train.compile=false or train.fsdp=false")
     fsdp = tc["fsdp"] and world > 1
-    if sc["cfg_scale"] != 1.0 and cfg["model"]["class_dropout_prob"] == 0:
-        raise ConfigError(f"sample.cfg_scale={sc['cfg_scale']} needs the null class that label dropout trains: "
-                          f"set model.class_dropout_prob > 0 or sample.cfg_scale=1.0")
-    check_eval_config(cfg)
 
     select_scan_backend(cfg["model"]["scan_backend"])
-    run_dir = Path(tc["run_dir"] or f"runs/{cfg['_name']}")
     ckpt_dir = run_dir / "checkpoints"
-    resume = find_resume(cfg, ckpt_dir)
+    state = find_resume(cfg, ckpt_dir, print if main else lambda line: None)
     accelerator.wait_for_everyone()
-    if main:
-        ckpt_dir.mkdir(parents=True, exist_ok=True)
-        save_config(cfg, run_dir / "config.json")
 
     dataset = build_dataset_from(cfg)
     torch.manual_seed(tc["seed"])
@@ -305,10 +319,9 @@ def train(cfg: dict) -> dict:
     generators = {"noise": torch.Generator(device).manual_seed(tc["seed"]),
                   "routing": torch.Generator(device).manual_seed(tc["seed"] * 1009 + rank + 1)}
     model.router.generator = generators["routing"]
-    step, state = 0, None
-    if resume is not None:
-        state = load_checkpoint(resume)
-        load_weights(model, state["model"], f"checkpoint {resume}")
+    step = 0
+    if state is not None:
+        load_weights(model, state["model"], f"checkpoint {state['path']}")
         ema.load_state_dict(state["ema"])
         step = state["step"]
     if fsdp:  # the full weights are in; the optimizer takes the sharded parameters
@@ -317,10 +330,10 @@ def train(cfg: dict) -> dict:
         ema.shard(mesh)
     optimizer = torch.optim.AdamW(parameter_groups(model, oc["weight_decay"]), lr=oc["lr"],
                                   betas=tuple(oc["betas"]), eps=oc["eps"])
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, oc, tc["steps"]))
     if state is not None:
         load_optimizer_state(model, optimizer, state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
+    set_hyperparameters(optimizer, oc)  # the learning rate is a function of the config and the step alone
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, oc, tc["steps"]), step - 1)
     torch.manual_seed(tc["seed"] * 1009 + rank + step)
     if state is not None and len(state["rng"]) == world:
         set_rng_state(state["rng"][rank], generators)
@@ -355,8 +368,9 @@ def train(cfg: dict) -> dict:
                               f"(eval.num_samples=0 eval.every=0)") from None
 
     def write_grid(sampler, path: Path):
-        images = generate(sampler, diffusion, grid_y, grid_noise, sc, decode,
-                          torch.Generator(device).manual_seed(sc["seed"]))
+        with isolated_rng(device):
+            images = generate(sampler, diffusion, grid_y, grid_noise, sc, decode,
+                              torch.Generator(device).manual_seed(sc["seed"]))
         save_grid(images, path, sc["grid_cols"] or sc["grid_per_class"])
 
     def save(step: int) -> Path:
@@ -366,14 +380,15 @@ def train(cfg: dict) -> dict:
         optimizer_state = full_optimizer_state(raw_model, optimizer)
         if main:
             save_checkpoint({"model": weights, "ema": ema_weights,
-                             "optimizer": optimizer_state, "scheduler": scheduler.state_dict(),
-                             "step": step, "rng": states, "config": cfg,
+                             "optimizer": optimizer_state, "step": step, "rng": states, "config": cfg,
                              "model_name": model_name, "model_kwargs": model_kwargs}, path)
             prune_checkpoints(ckpt_dir, tc["keep_last"], tc["keep_every"])
         accelerator.wait_for_everyone()
         return path
 
-    if main and resume is None:
+    if main:  # the run has started: its config replaces the one of the run dir
+        save_config(cfg, run_dir / "config.json")
+    if main and state is None:
         for _, old in list_checkpoints(ckpt_dir):  # an earlier run's, with train.overwrite=true
             old.unlink()
     metrics = Metrics(run_dir, lc["tensorboard"], step) if main else None
