@@ -3,6 +3,7 @@ read-only disk, Ctrl-C) become one ``error:`` line per problem and an exit code;
 traceback. ``--debug`` or the environment variable SSM_TREAD_DEBUG=1 shows the traceback of every error."""
 from __future__ import annotations
 
+import argparse
 import errno
 import os
 import sys
@@ -26,6 +27,28 @@ def fail(message: str, code: int = EXIT_ERROR):
     sys.exit(code)
 
 
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse with a ``--debug`` flag whose errors are one line (exit code 2)."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.add_argument("--debug", action="store_true", help=f"show tracebacks (or set {DEBUG_ENV}=1)")
+
+    def error(self, message):
+        fail(f"{message} (see {self.prog} --help)", EXIT_CONFIG)
+
+
+def positive_int(text: str) -> int:
+    """An argparse type: an integer >= 1."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{value} must be at least 1")
+    return value
+
+
 def run_tool(main, interrupted: str = "nothing was lost") -> None:
     """Run ``main()``, turning expected errors into one line each and an exit code (2: a bad config or
     arguments; 1: other expected errors; 130: Ctrl-C)."""
@@ -44,6 +67,7 @@ def run_tool(main, interrupted: str = "nothing was lost") -> None:
     except OSError as e:
         if debugging() or e.errno not in DISK_ERRORS:
             raise
-        where = f" ({e.filename})" if e.filename else ""
-        fail(f"{DISK_ERRORS[e.errno]}{where}: {e.strerror}; free some space or choose a writable location "
-             f"(run with --debug for the traceback)")
+        if e.strerror != os.strerror(e.errno):  # the library's own message, with its fix
+            fail(e.strerror)
+        where = f" writing {e.filename}" if e.filename else ""
+        fail(f"{DISK_ERRORS[e.errno]}{where}: free some space or choose a writable location")

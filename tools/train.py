@@ -17,18 +17,17 @@ from pathlib import Path
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from ssm_tread.cli import run_tool  # noqa: E402
+from ssm_tread.cli import ArgumentParser, run_tool  # noqa: E402
 from ssm_tread.train.config import load_config, resume_config  # noqa: E402
 from ssm_tread.train.trainer import train  # noqa: E402
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("config", help="a config file, e.g. configs/quickstart.py")
     parser.add_argument("overrides", nargs="*", help="group.key=value overrides, e.g. train.steps=100")
     parser.add_argument("--resume", action="store_true",
                         help="continue the run dir's run from its newest good checkpoint (its config + these overrides)")
-    parser.add_argument("--debug", action="store_true", help="show the traceback of an expected error too")
     args = parser.parse_args()
     main_rank = int(os.environ.get("RANK", 0)) == 0
     cfg = (resume_config(args.config, args.overrides, print if main_rank else lambda line: None) if args.resume

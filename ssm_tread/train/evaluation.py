@@ -46,27 +46,29 @@ def check_eval_config(cfg: dict) -> None:
     """Refuse, before anything is built, eval settings that could not run (the VAE is checked when it loads)."""
     ec = cfg["eval"]
     if ec["every"] and not ec["num_samples"]:
-        raise ConfigError(f"eval.every={ec['every']} needs the number of samples per evaluation: set "
+        raise ConfigError(f"eval.every={ec['every']}: needs the number of samples per evaluation; set "
                           f"eval.num_samples (e.g. 5000 for ImageNet, 200 for the digits)")
     if not ec["num_samples"]:
         return
     if ec["num_samples"] < 2:
-        raise ConfigError(f"eval.num_samples={ec['num_samples']}: FID needs at least 2 samples")
+        raise ConfigError(f"eval.num_samples={ec['num_samples']}: FID needs at least 2 samples; set eval.num_samples "
+                          f"to 2 or more, or 0 for no evaluation")
     if cfg["data"]["name"] != "latents":
         if ec["reference"]:
-            raise ConfigError("eval.reference is for latent models; the digits are compared with the bundled digits: "
-                              "set eval.reference=None")
+            raise ConfigError(f"eval.reference={ec['reference']!r}: is for latent models (the digits are compared "
+                              f"with the bundled digits); set eval.reference=None")
         return
     if not ec["reference"]:
-        raise ConfigError(f"evaluating a latent model needs reference statistics: download the ADM reference batch "
+        raise ConfigError(f"eval.reference=None: evaluating a latent model needs reference statistics; download the "
+                          f"ADM reference batch "
                           f"(wget -O checkpoints/VIRTUAL_imagenet256_labeled.npz {REFERENCE_URL}) and set "
                           f"eval.reference=checkpoints/VIRTUAL_imagenet256_labeled.npz, or turn evaluation off "
                           f"with eval.num_samples=0 eval.every=0")
     if not Path(ec["reference"]).is_file():
-        raise ConfigError(f"eval.reference={ec['reference']!r} not found: download the ADM reference batch there "
+        raise ConfigError(f"eval.reference={ec['reference']!r}: not found; download the ADM reference batch there "
                           f"(wget -O {ec['reference']} {REFERENCE_URL}) or point eval.reference at a local copy")
     if not Path(ec["inception"]).is_file():
-        raise ConfigError(f"eval.inception={ec['inception']!r} not found: download the FID Inception weights there "
+        raise ConfigError(f"eval.inception={ec['inception']!r}: not found; download the FID Inception weights there "
                           f"(wget -O {ec['inception']} {INCEPTION_URL}) or point eval.inception at a local copy")
 
 

@@ -27,7 +27,6 @@ from ssm_tread.errors import UserError
 from ssm_tread.ops import set_backend
 from ssm_tread.train.rng import isolated_rng
 from ssm_tread.train.checkpoint import (
-    CheckpointError,
     checkpoint_path,
     latest_checkpoint,
     list_checkpoints,

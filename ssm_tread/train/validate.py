@@ -194,9 +194,10 @@ def _check_log_and_sample(cfg: dict, geometry: dict | None, problems: _Problems)
                          f"e.g. sample.grid_classes=[0,1,2] (wrong: {bad})")
     latent = cfg["data"]["name"] == "latents"
     if latent and (lc["grid_every"] or cfg["eval"]["num_samples"]) and not Path(sc["vae"], "config.json").is_file():
-        problems.add("sample.vae", sc["vae"], "no VAE there (sample grids and evaluation decode latents with it)",
-                     f"download stabilityai/sd-vae-ft-ema (huggingface-cli download stabilityai/sd-vae-ft-ema "
-                     f"--local-dir {sc['vae']}), or set log.grid_every=0 eval.num_samples=0 eval.every=0")
+        problems.add("sample.vae", sc["vae"], f"no VAE at {sc['vae']!r} (sample grids and evaluation decode latents "
+                     f"with it)", f"download stabilityai/sd-vae-ft-ema there (huggingface-cli download "
+                     f"stabilityai/sd-vae-ft-ema --local-dir {sc['vae']}) or point sample.vae at a local copy, "
+                     f"or set log.grid_every=0 eval.num_samples=0 eval.every=0")
 
 
 def _check_eval(cfg: dict, geometry: dict | None, problems: _Problems) -> None:
