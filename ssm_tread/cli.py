@@ -11,7 +11,7 @@ import sys
 from ssm_tread.errors import UserError
 
 DEBUG_ENV = "SSM_TREAD_DEBUG"
-EXIT_ERROR, EXIT_CONFIG, EXIT_INTERRUPTED = 1, 2, 130
+EXIT_ERROR, EXIT_ARGUMENTS, EXIT_INTERRUPTED = 1, 2, 130
 DISK_ERRORS = {errno.ENOSPC: "no space left on device", errno.EDQUOT: "disk quota exceeded",
                errno.EROFS: "read-only file system", errno.EACCES: "permission denied",
                errno.EPERM: "permission denied"}
@@ -35,7 +35,7 @@ class ArgumentParser(argparse.ArgumentParser):
         self.add_argument("--debug", action="store_true", help=f"show tracebacks (or set {DEBUG_ENV}=1)")
 
     def error(self, message):
-        fail(f"{message} (see {self.prog} --help)", EXIT_CONFIG)
+        fail(f"{message} (see {self.prog} --help)", EXIT_ARGUMENTS)
 
 
 def positive_int(text: str) -> int:
@@ -51,9 +51,7 @@ def positive_int(text: str) -> int:
 
 def run_tool(main, interrupted: str = "nothing was lost") -> None:
     """Run ``main()``, turning expected errors into one line each and an exit code (2: a bad config or
-    arguments; 1: other expected errors; 130: Ctrl-C)."""
-    from ssm_tread.train.config import ConfigError
-
+    arguments; 1: other expected errors, see UserError.exit_code; 130: Ctrl-C)."""
     try:
         main()
     except KeyboardInterrupt:
@@ -63,7 +61,7 @@ def run_tool(main, interrupted: str = "nothing was lost") -> None:
     except UserError as e:
         if debugging():
             raise
-        fail(str(e), EXIT_CONFIG if isinstance(e, ConfigError) else EXIT_ERROR)
+        fail(str(e), e.exit_code)
     except OSError as e:
         if debugging() or e.errno not in DISK_ERRORS:
             raise

@@ -3,4 +3,7 @@ traceback (``--debug`` or SSM_TREAD_DEBUG=1 shows it); every other error is a bu
 
 
 class UserError(Exception):
-    """Bad input or a state of the disk the user can fix; the message names the problem and the fix."""
+    """Bad input or a state of the disk the user can fix; the message names the problem and the fix.
+    ``exit_code``: what a tool exits with (2 for a bad config, as for bad arguments)."""
+
+    exit_code = 1

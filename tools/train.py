@@ -28,7 +28,7 @@ def main():
     parser.add_argument("overrides", nargs="*", help="group.key=value overrides, e.g. train.steps=100")
     parser.add_argument("--resume", action="store_true",
                         help="continue the run dir's run from its newest good checkpoint (its config + these overrides)")
-    args = parser.parse_args()
+    args = parser.parse_intermixed_args()  # --resume may come anywhere among the overrides
     main_rank = int(os.environ.get("RANK", 0)) == 0
     cfg = (resume_config(args.config, args.overrides, print if main_rank else lambda line: None) if args.resume
            else load_config(args.config, args.overrides))

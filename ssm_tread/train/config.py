@@ -31,6 +31,8 @@ DEFAULT_BASE = Path(__file__).resolve().parents[2] / "configs" / "base.py"
 class ConfigError(UserError, ValueError):
     """A config that cannot be used; the message names the key and the fix."""
 
+    exit_code = 2
+
 
 def _exec_config(path: Path) -> dict:
     """Run a config file with its own directory, then the project's configs/, importable.
