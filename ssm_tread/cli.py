@@ -49,9 +49,10 @@ def positive_int(text: str) -> int:
     return value
 
 
-def run_tool(main, interrupted: str = "nothing was lost") -> None:
+def run_tool(main, interrupted: str = "nothing was lost", expected: tuple = ()) -> None:
     """Run ``main()``, turning expected errors into one line each and an exit code (2: a bad config or
-    arguments; 1: other expected errors, see UserError.exit_code; 130: Ctrl-C)."""
+    arguments; 1: other expected errors, see UserError.exit_code; 130: Ctrl-C). ``expected``: more
+    exception types that mean bad input for this tool (their first argument is the message)."""
     try:
         main()
     except KeyboardInterrupt:
@@ -62,6 +63,10 @@ def run_tool(main, interrupted: str = "nothing was lost") -> None:
         if debugging():
             raise
         fail(str(e), e.exit_code)
+    except expected as e:
+        if debugging():
+            raise
+        fail(str(e.args[0]) if e.args else str(e))
     except OSError as e:
         if debugging() or e.errno not in DISK_ERRORS:
             raise

@@ -18,7 +18,7 @@ import torch
 from ssm_tread.diffusion import Guidance, create_diffusion
 from ssm_tread.diffusion.common import check_choice
 from ssm_tread.models import create_model
-from ssm_tread.train.checkpoint import load_checkpoint, load_weights
+from ssm_tread.checkpoint import load_checkpoint, load_weights
 
 LATENT_SCALE = 0.18215
 

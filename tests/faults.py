@@ -18,7 +18,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 def disk_full_on_second_checkpoint():
     """Writing the second checkpoint file fails with ENOSPC, as on a full disk."""
-    from ssm_tread.train import checkpoint
+    from ssm_tread import checkpoint
 
     opened = []
 

@@ -13,7 +13,18 @@ import torch
 from helpers import ROOT, assert_fails_in_one_line, run_tool
 from test_train import TINY, losses
 
-from ssm_tread.train.checkpoint import load_checkpoint, prune_checkpoints, save_checkpoint
+from ssm_tread.checkpoint import load_checkpoint, prune_checkpoints, save_checkpoint
+
+
+# A process that takes a run dir's lock and waits (runlock.py loaded alone: no torch, starts in no time).
+LOCK_HOLDER = """import importlib.util, sys, time
+spec = importlib.util.spec_from_file_location("runlock", "ssm_tread/train/runlock.py")
+runlock = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(runlock)
+runlock.RunLock(sys.argv[1]).__enter__()
+print("locked", flush=True)
+time.sleep(300)
+"""
 
 
 def train_tool(run_dir, *overrides, fault=None):
@@ -95,9 +106,8 @@ def test_failed_resume_with_another_model_leaves_the_run_as_it_was(baseline, tmp
 
 
 def test_a_second_run_on_a_locked_run_dir_fails_and_a_stale_lock_is_taken_over(tmp_path):
-    holder = subprocess.Popen([sys.executable, "-c", "import sys, time\nfrom ssm_tread.train.runlock import RunLock\n"
-                               "RunLock(sys.argv[1]).__enter__()\nprint('locked', flush=True)\ntime.sleep(300)",
-                               str(tmp_path)], stdout=subprocess.PIPE, text=True, cwd=ROOT)
+    holder = subprocess.Popen([sys.executable, "-c", LOCK_HOLDER, str(tmp_path)], stdout=subprocess.PIPE, text=True,
+                              cwd=ROOT)
     try:
         assert holder.stdout.readline().strip() == "locked"
         done = train_tool(tmp_path, "train.steps=2")

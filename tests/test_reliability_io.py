@@ -8,7 +8,7 @@ from helpers import assert_fails_in_one_line, run_tool
 from test_train import TINY
 
 from ssm_tread.data.latents import FORMAT, SAMPLE_BLOCK, SAMPLE_BLOCKS, array_path, write_json, write_shard
-from ssm_tread.train.checkpoint import load_checkpoint
+from ssm_tread.checkpoint import load_checkpoint
 
 COUNTS = [100, 100, 300]  # images per shard; the last is large enough for gaps between the sampled blocks
 LATENT = ["data.name=latents", "log.grid_every=0", "eval.num_samples=0", "data.num_workers=0"]

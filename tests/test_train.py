@@ -9,8 +9,8 @@ import sys
 import pytest
 import torch
 
-from ssm_tread.train import checkpoint as ckpt
-from ssm_tread.train.checkpoint import (
+from ssm_tread import checkpoint as ckpt
+from ssm_tread.checkpoint import (
     CheckpointError,
     latest_checkpoint,
     load_checkpoint,
@@ -224,7 +224,7 @@ def test_cli_reports_a_bad_key_without_a_traceback():
 
 def test_weight_decay_skips_biases_norms_and_ssm_parameters():
     from ssm_tread.models import create_model
-    from ssm_tread.train.trainer import parameter_groups
+    from ssm_tread.train.step import parameter_groups
 
     model = create_model("ZigMa", input_size=8, patch_size=2, in_channels=1, hidden_size=16, depth=2,
                          num_classes=3, learn_sigma=False, d_state=4)

@@ -6,6 +6,7 @@ import pytest
 import torch
 import torch.nn as nn
 
+from ssm_tread.diffusion import Guidance
 from ssm_tread.models.layers import sincos_2d
 from ssm_tread.models.zigma import ZIGMA_CONFIGS, ZigMa
 from ssm_tread.scans import scan_order
@@ -120,11 +121,11 @@ def test_contract_attributes_and_cfg():
     x, t, y = model_inputs()
     null = torch.full_like(y, NUM_CLASSES)
     with torch.no_grad():
-        guided = model.forward_with_cfg(torch.cat([x, x]), torch.cat([t, t]), torch.cat([y, null]), 2.0, 3)
+        guided = Guidance(cfg_scale=2.0, guided_channels=3)(model, x, t, {"y": y}, 0.5)
         cond, uncond = model(x, t, y), model(x, t, null)
-    assert guided.shape == (4, 4, 8, 8)
-    torch.testing.assert_close(guided[:2, :3], uncond[:, :3] + 2.0 * (cond[:, :3] - uncond[:, :3]))
-    torch.testing.assert_close(guided[:2, 3:], cond[:, 3:])
+    assert guided.shape == (2, 4, 8, 8)
+    torch.testing.assert_close(guided[:, :3], uncond[:, :3] + 2.0 * (cond[:, :3] - uncond[:, :3]))
+    torch.testing.assert_close(guided[:, 3:], cond[:, 3:])
 
 
 def test_errors_for_bad_shapes_and_settings():

@@ -17,7 +17,7 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from ssm_tread.cli import ArgumentParser, fail, positive_int, run_tool  # noqa: E402
+from ssm_tread.cli import ArgumentParser, positive_int, run_tool  # noqa: E402
 from ssm_tread.eval.adm import evaluate_npz, summary_line  # noqa: E402
 from ssm_tread.eval.inception import DEFAULT_INCEPTION_PATH  # noqa: E402
 
@@ -31,12 +31,7 @@ def main():
     p.add_argument("--device", default=None, help="default: cuda if available, else cpu")
     p.add_argument("--out", default=None, help="results JSON (default: SAMPLES.eval.json)")
     args = p.parse_args()
-    try:
-        results = evaluate_npz(args.samples, args.reference, args.inception, args.batch_size, args.device)
-    except (FileNotFoundError, KeyError, ValueError) as e:
-        if args.debug:
-            raise
-        fail(e.args[0] if e.args else str(e))
+    results = evaluate_npz(args.samples, args.reference, args.inception, args.batch_size, args.device)
     out = args.out or os.path.splitext(args.samples)[0] + ".eval.json"
     with open(out, "w") as f:
         json.dump(results, f, indent=1)
@@ -45,4 +40,4 @@ def main():
 
 
 if __name__ == "__main__":
-    run_tool(main)
+    run_tool(main, expected=(FileNotFoundError, KeyError, ValueError))

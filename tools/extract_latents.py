@@ -31,10 +31,7 @@ def main():
     args = p.parse_args()
 
     if args.verify:
-        try:
-            problems = verify_shards(args.out)
-        except (FileNotFoundError, ValueError) as e:
-            fail(str(e))
+        problems = verify_shards(args.out)
         for name, problem in problems.items():
             print(f"BAD {name}: {problem}")
         if problems:
@@ -51,18 +48,14 @@ def main():
         import torch
         if torch.cuda.is_available():
             device = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}"
-    try:
-        stats = extract_latents(args.data, args.out, args.vae, image_size=args.image_size, batch_size=args.batch_size,
-                                shard_size=args.shard_size, rank=rank, world_size=world_size, device=device,
-                                num_workers=args.workers)
-    except (FileNotFoundError, ValueError) as e:
-        if args.debug:
-            raise
-        fail(str(e))
+    stats = extract_latents(args.data, args.out, args.vae, image_size=args.image_size, batch_size=args.batch_size,
+                            shard_size=args.shard_size, rank=rank, world_size=world_size, device=device,
+                            num_workers=args.workers)
     if stats is not None:
         print(json.dumps(stats))
     print(f"rank {rank}: done" + ("" if stats is not None else " (other ranks' shards still running)"))
 
 
 if __name__ == "__main__":
-    run_tool(main, interrupted="finished shards are kept; run the same command again to continue")
+    run_tool(main, interrupted="finished shards are kept; run the same command again to continue",
+             expected=(FileNotFoundError, ValueError))

@@ -17,7 +17,7 @@ from pathlib import Path
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from ssm_tread.cli import ArgumentParser, fail, positive_int, run_tool
+from ssm_tread.cli import ArgumentParser, positive_int, run_tool
 
 
 def main():
@@ -49,18 +49,14 @@ def main():
                  "seed": args.seed, "batch_size": args.batch_size, "vae": args.vae}
     from ssm_tread.sampling import sample_grid_file, sample_npz_file
 
-    try:
-        if args.classes is not None:
-            path = sample_grid_file(args.checkpoint, args.out, args.classes, args.per_class, overrides, not args.raw)
-        else:
-            path = sample_npz_file(args.checkpoint, args.out, args.num_images, args.labels, overrides, not args.raw)
-    except (FileNotFoundError, ValueError) as e:
-        if args.debug:
-            raise
-        fail(str(e))
+    if args.classes is not None:
+        path = sample_grid_file(args.checkpoint, args.out, args.classes, args.per_class, overrides, not args.raw)
+    else:
+        path = sample_npz_file(args.checkpoint, args.out, args.num_images, args.labels, overrides, not args.raw)
     if path is not None:
         print(f"wrote {path}")
 
 
 if __name__ == "__main__":
-    run_tool(main, interrupted="finished chunks of an .npz are kept; run the same command again to continue")
+    run_tool(main, interrupted="finished chunks of an .npz are kept; run the same command again to continue",
+             expected=(FileNotFoundError, ValueError))

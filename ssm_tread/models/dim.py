@@ -37,7 +37,6 @@ from ssm_tread.models.layers import (
     TimestepEmbedder,
     adaln_modulation,
     check_conditioning,
-    guided_forward,
     init_dit_style,
     modulate,
     route_pixel_masks,
@@ -211,9 +210,3 @@ class DiM(nn.Module):
         if not return_masks:
             return x
         return x, route_pixel_masks(routing, self.grid_positions, self.grid_size, self.patch_size, batch)
-
-    def forward_with_cfg(
-        self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor, cfg_scale: float, guided_channels: int | None = None
-    ) -> torch.Tensor:
-        """Classifier-free guidance in one [cond; uncond] batch; see :func:`guided_forward`."""
-        return guided_forward(self, x, t, y, cfg_scale, guided_channels)

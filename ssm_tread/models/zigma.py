@@ -25,7 +25,6 @@ from ssm_tread.models.layers import (
     TimestepEmbedder,
     adaln_modulation,
     check_conditioning,
-    guided_forward,
     init_dit_style,
     modulate,
     route_pixel_masks,
@@ -160,9 +159,3 @@ class ZigMa(nn.Module):
         if not return_masks:
             return x
         return x, route_pixel_masks(routing, self.grid_positions, self.grid_size, self.patch_size, x.shape[0])
-
-    def forward_with_cfg(
-        self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor, cfg_scale: float, guided_channels: int | None = None
-    ) -> torch.Tensor:
-        """Classifier-free guidance in one [cond; uncond] batch; see :func:`guided_forward`."""
-        return guided_forward(self, x, t, y, cfg_scale, guided_channels)

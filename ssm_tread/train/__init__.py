@@ -1,5 +1,5 @@
 """Training: plain Python configs, the training loop (DDP through accelerate), EMA and checkpoints."""
-from ssm_tread.train.checkpoint import CheckpointError, latest_checkpoint, load_checkpoint
+from ssm_tread.checkpoint import CheckpointError, latest_checkpoint, load_checkpoint
 from ssm_tread.train.config import ConfigError, load_config
 from ssm_tread.train.trainer import TrainingError, train
 

@@ -35,8 +35,8 @@ from ssm_tread.eval.features import compute_features
 from ssm_tread.eval.inception import INCEPTION_URL
 from ssm_tread.sampling import chunk_generator, generate, to_uint8
 from ssm_tread.train.config import ConfigError
+from ssm_tread.train.distributed import gather_objects
 from ssm_tread.train.rng import isolated_rng
-from ssm_tread.train.trainer import gather_objects
 
 REFERENCE_URL = ("https://openaipublic.blob.core.windows.net/diffusion/jul-2021/ref_batches/imagenet/256/"
                  "VIRTUAL_imagenet256_labeled.npz")

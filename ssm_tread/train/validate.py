@@ -1,7 +1,7 @@
 """Validation of a whole resolved config before a run creates or computes anything.
 
 :func:`config_problems` lists every problem it finds, one line each, naming the key, its value and the
-fix; :func:`check_config` raises them together as one :class:`ConfigError`. Types are checked against
+fix; :func:`validate_config` raises them together as one :class:`ConfigError`. Types are checked against
 the defaults of ``configs/base.py``; names (model, sampler, schedule, precision, objective, loss, data
 set) against what the library offers; the routes against the model's depth by building the model on
 the meta device (no memory, no time); files that must exist against the disk.
@@ -250,7 +250,7 @@ def config_problems(cfg: dict, world: int = 1) -> list[str]:
     return problems
 
 
-def check_config(cfg: dict, world: int | None = None) -> None:
+def validate_config(cfg: dict, world: int | None = None) -> None:
     """Raise a :class:`ConfigError` with one line per problem of ``cfg`` (``world``: ranks, default from
     the WORLD_SIZE that torchrun sets)."""
     world = world or int(os.environ.get("WORLD_SIZE", 1))
