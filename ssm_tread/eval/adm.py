@@ -89,10 +89,11 @@ def reference_statistics(path, keys):
 def evaluate_npz(samples_path, reference_path, inception_path=DEFAULT_INCEPTION_PATH, batch_size=100,
                  device=None, extractor=None, progress=True):
     """The ADM suite: Inception Score (10 splits), FID, sFID, precision and recall (k=3). Returns a dict."""
-    if reference_statistics(samples_path, ["mu", "sigma"]) is not None:
+    samples = NpzImages(samples_path)
+    if {"mu", "sigma"} <= set(samples.keys):
         raise ValueError(f"{samples_path} stores mu/sigma: it is a reference batch, given where the samples go. "
                          f"The order is SAMPLES REFERENCE (ADM's evaluator.py takes REFERENCE SAMPLES): swap the two")
-    samples = NpzImages(samples_path).require()
+    samples.require()
     reference = NpzImages(reference_path)
     stored = reference_statistics(reference_path, ["mu", "sigma"])
     stored_s = reference_statistics(reference_path, ["mu_s", "sigma_s"])
