@@ -49,7 +49,8 @@ def content_checksum(state) -> str:
         elif isinstance(node, torch.Tensor):
             t = node.detach().cpu().contiguous()
             h.update(f"{t.dtype}{tuple(t.shape)}".encode())
-            h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+            if t.numel():
+                h.update(t.reshape(-1).view(torch.uint8).numpy())  # the tensor's own bytes, not a copy
         else:
             h.update(repr(node).encode())
 

@@ -129,3 +129,17 @@ def test_evaluation_and_sample_grids_leave_the_training_losses_unchanged(baselin
     assert done.returncode == 0, done.stderr[-3000:]
     assert (tmp_path / "grids" / "step-0000001.png").is_file() and (tmp_path / "eval.json").is_file()
     assert losses(tmp_path) == losses(baseline)  # the same floats, not approximately
+
+
+def test_resuming_a_run_from_before_a_key_existed_gives_that_key_its_default(tmp_path):
+    from ssm_tread.train.config import load_config, resume_config, save_config
+
+    cfg = load_config("configs/quickstart.py", [f"train.run_dir={tmp_path}", "optim.lr=3e-3"])
+    del cfg["data"]["verify"]  # a run started before data.verify
+    save_config(cfg, tmp_path / "config.json")
+    notes = []
+    resumed = resume_config("configs/quickstart.py", [f"train.run_dir={tmp_path}", "train.steps=9"], notes.append)
+    assert resumed["data"]["verify"] == "sample" and resumed["optim"]["lr"] == 3e-3
+    assert resumed["train"]["steps"] == 9 and resumed["train"]["resume"] == "auto"
+    assert notes == [f"resuming with the run's config {tmp_path / 'config.json'} plus the overrides given now; "
+                     f"quickstart.py differs in optim.lr (ignored: give them as overrides to change them)"]

@@ -232,7 +232,9 @@ class LatentShardDataset(Dataset):
         index = read_index(root)
         check = {"none": shard_problem, "sample": sampled_problem,
                  "full": lambda root, shard: check_shard(root, shard, index)}[verify]
-        problems = {s["name"]: p for s in index["shards"] if (p := check(root, s))}
+        from tqdm import tqdm
+        shards = tqdm(index["shards"], desc="verify shards", unit="shard", disable=verify != "full")
+        problems = {s["name"]: p for s in shards if (p := check(root, s))}
         if problems:
             listing = "\n".join(f"latent shard {name} in {root}: {p}" for name, p in problems.items())
             raise LatentShardError(

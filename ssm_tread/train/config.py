@@ -182,6 +182,10 @@ def resume_config(path: str | os.PathLike, overrides: list[str] = (), say=print)
     except ValueError as e:
         raise ConfigError(f"{saved} is not valid JSON ({e}); restore it, or resume without it by deleting it "
                           f"(the config file and the overrides given now then make the config)") from None
+    schema = _groups(_exec_config(DEFAULT_BASE), DEFAULT_BASE)
+    for group in GROUPS:  # keys added to the code since the run started take their defaults
+        run_cfg[group] = {**schema[group], **run_cfg.get(group, {})}
+    check_keys({g: run_cfg[g] for g in GROUPS}, schema)
     apply_overrides(run_cfg, overrides)
     differ = sorted(k for k, v in _flat(cfg).items() if _flat(run_cfg).get(k, v) != v)
     if differ:
