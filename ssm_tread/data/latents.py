@@ -224,16 +224,18 @@ class LatentShardDataset(Dataset):
 
     Each item picks the image or its flip with p=0.5 (flip=True) and draws a fresh posterior sample
     mean + std * eps (sample=True; else the mean), times scale_factor. Randomness comes from torch's global
-    generator (DataLoader workers get distinct seeds).
+    generator (DataLoader workers get distinct seeds). Opening checks the shards as ``verify`` says ("none",
+    "sample", "full"; see the module) and raises :class:`LatentShardError` naming every bad one; ``progress``:
+    a bar over the shards for "full".
     """
 
-    def __init__(self, root, flip=True, sample=True, scale_factor=SCALE_FACTOR, verify="sample"):
+    def __init__(self, root, flip=True, sample=True, scale_factor=SCALE_FACTOR, verify="sample", progress=True):
         self.root, self.flip, self.sample, self.scale_factor = root, flip, sample, scale_factor
         index = read_index(root)
         check = {"none": shard_problem, "sample": sampled_problem,
                  "full": lambda root, shard: check_shard(root, shard, index)}[verify]
         from tqdm import tqdm
-        shards = tqdm(index["shards"], desc="verify shards", unit="shard", disable=verify != "full")
+        shards = tqdm(index["shards"], desc="verify shards", unit="shard", disable=verify != "full" or not progress)
         problems = {s["name"]: p for s in shards if (p := check(root, s))}
         if problems:
             listing = "\n".join(f"latent shard {name} in {root}: {p}" for name, p in problems.items())

@@ -70,7 +70,8 @@ def build_dataset_from(cfg: dict):
 
     data = cfg["data"]
     if data["name"] == "latents":
-        return build_dataset("latents", root=data["root"], verify=data["verify"], **data["kwargs"])
+        return build_dataset("latents", root=data["root"], verify=data["verify"], progress=cfg["log"]["progress"],
+                             **data["kwargs"])
     return build_dataset(data["name"], **data["kwargs"])
 
 
