@@ -334,3 +334,24 @@ def test_token_masks_to_pixels():
     assert torch.equal(pixels[0, 0], expected)
     with pytest.raises(ValueError, match="2x3 grid"):
         token_masks_to_pixels(masks[..., :5], (2, 3), 2)
+
+
+def test_layers_equal_timms_that_the_reference_dit_trained_with():
+    """The reference DiT builds its blocks from timm's PatchEmbed, Attention and Mlp: ours load into them
+    strictly (the same parameter names) and compute the same."""
+    timm_vit = pytest.importorskip("timm.models.vision_transformer")
+    from timm.layers import Mlp as TimmMlp
+    from timm.layers import PatchEmbed as TimmPatchEmbed
+
+    from ssm_tread.models.dit import Attention, Mlp
+    from ssm_tread.models.layers import PatchEmbed
+
+    torch.manual_seed(0)
+    pairs = [(Attention(64, 4), timm_vit.Attention(64, num_heads=4, qkv_bias=True), torch.randn(2, 10, 64)),
+             (Mlp(64, 256), TimmMlp(64, 256, act_layer=lambda: torch.nn.GELU(approximate="tanh")),
+              torch.randn(2, 10, 64)),
+             (PatchEmbed(16, 2, 4, 64), TimmPatchEmbed(16, 2, 4, 64, bias=True), torch.randn(2, 4, 16, 16))]
+    for ours, theirs, x in pairs:
+        theirs.load_state_dict(ours.state_dict(), strict=True)
+        with torch.no_grad():
+            torch.testing.assert_close(ours(x), theirs(x), rtol=1e-5, atol=1e-6)

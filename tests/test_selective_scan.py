@@ -12,7 +12,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from ssm_tread.ops import active_backend, selective_scan, set_backend
-from ssm_tread.ops.bench import benchmark_scan, scan_table
+from tools.bench.scan import benchmark_scan, scan_table
 
 scan_module = importlib.import_module("ssm_tread.ops.selective_scan")
 INPUTS = ("u", "delta", "A", "B", "C", "D", "z", "delta_bias")

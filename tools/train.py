@@ -32,6 +32,9 @@ def main():
     main_rank = int(os.environ.get("RANK", 0)) == 0
     cfg = (resume_config(args.config, args.overrides, print if main_rank else lambda line: None) if args.resume
            else load_config(args.config, args.overrides))
+    if "_study" in cfg and main_rank:
+        print(f"{args.config} is a study: this trains its own config, one run of its grid; the whole grid: "
+              f"python tools/benchmark.py study {args.config}")
     train(cfg)
 
 

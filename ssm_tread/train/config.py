@@ -6,6 +6,10 @@ experiment file starts with ``from base import *`` (or imports another experimen
 keys. Imports in a config file resolve against the file's own directory, then the project's configs/,
 and are re-executed on every load, so one load never sees another's edits.
 
+A study file (``configs/study_digits.py``) also defines ``study = dict(...)``: the grid of runs that
+``tools/benchmark.py study`` trains from it, each this config with a few keys changed. It reaches the
+loaded config as ``_study``; ``tools/train.py`` trains the file's own config, one run of the grid.
+
 Overrides are ``group.key=value`` strings, typed by the value they replace (``optim.lr=2e-4``,
 ``train.steps=20``, ``routing.routes=[(2,8,0.5)]``). Keys inside a dict-valued key may be set or added
 (``model.kwargs.depth=9``) and take a Python literal.
@@ -25,6 +29,7 @@ from pathlib import Path
 from ssm_tread.errors import UserError
 
 GROUPS = ("model", "routing", "diffusion", "data", "optim", "train", "log", "sample", "eval")
+STUDY = "study"  # the optional grid of a study file
 DEFAULT_BASE = Path(__file__).resolve().parents[2] / "configs" / "base.py"
 
 
@@ -64,7 +69,7 @@ def _groups(namespace: dict, path: Path) -> dict:
     public = {k: v for k, v in namespace.items() if not k.startswith("_") and not callable(v)
               and type(v).__name__ != "module"}
     for name in public:
-        if name not in GROUPS:
+        if name not in GROUPS and name != STUDY:
             hint = difflib.get_close_matches(name, GROUPS, n=1)
             raise ConfigError(f"{path}: unknown config group {name!r}"
                               + (f"; did you mean {hint[0]!r}?" if hint else f"; groups are {', '.join(GROUPS)}"))
@@ -150,11 +155,14 @@ def load_config(path: str | os.PathLike, overrides: list[str] = ()) -> dict:
         raise ConfigError(f"config file {str(path)!r} not found; pass a file such as configs/quickstart.py")
     base_path = path.parent / "base.py" if (path.parent / "base.py").is_file() else DEFAULT_BASE
     schema = _groups(_exec_config(base_path), base_path)
-    cfg = _groups(_exec_config(path), path)
+    namespace = _exec_config(path)
+    cfg = _groups(namespace, path)
     check_keys(cfg, schema)
     apply_overrides(cfg, list(overrides))
     cfg["_name"] = path.stem
     cfg["_path"] = str(path)
+    if STUDY in namespace:
+        cfg["_study"] = copy.deepcopy(namespace[STUDY])
     return cfg
 
 
@@ -163,8 +171,7 @@ def run_dir_of(cfg: dict) -> Path:
 
 
 def _flat(cfg: dict) -> dict:
-    return {f"{g}.{k}": v for g, values in json.loads(to_json(cfg)).items() if isinstance(values, dict)
-            for k, v in values.items()}
+    return {f"{g}.{k}": v for g, values in json.loads(to_json(cfg)).items() if g in GROUPS for k, v in values.items()}
 
 
 def resume_config(path: str | os.PathLike, overrides: list[str] = (), say=print) -> dict:
