@@ -130,7 +130,10 @@ def evaluate_npz(samples_path, reference_path, inception_path=DEFAULT_INCEPTION_
 def summary_line(results):
     """One line: 'FID 2.27 | sFID 4.60 | IS 278.24 | precision 0.8280 | recall 0.5790 | 50000 samples'."""
     def fmt(value, spec):
-        return "n/a" if value is None else format(value, spec)
+        if value is None:
+            return "n/a"
+        text = format(value, spec)
+        return text[1:] if text.startswith("-") and float(text) == 0 else text  # rounding noise: "-0.00" -> "0.00"
     return (f"FID {fmt(results['fid'], '.2f')} | sFID {fmt(results['sfid'], '.2f')} | "
             f"IS {fmt(results['inception_score'], '.2f')} | precision {fmt(results['precision'], '.4f')} | "
             f"recall {fmt(results['recall'], '.4f')} | {results['num_samples']} samples vs "
