@@ -114,8 +114,14 @@ def _check_sampling(cfg: dict, problems: _Problems) -> None:
         return
     if sc["sampler"] is not None:
         problems.choice("sample.sampler", sc["sampler"], diffusion.samplers)
-    if sc["steps"] is not None and (not isinstance(sc["steps"], int) or sc["steps"] < 1):
-        problems.add("sample.steps", sc["steps"], "must be a positive integer", "e.g. sample.steps=50, or None")
+    steps, respace = sc["steps"], getattr(diffusion, "respace", None)  # ddpm also takes a spacing like "ddim50"
+    if steps is not None and not (isinstance(steps, int) and steps >= 1 or respace and isinstance(steps, str)):
+        problems.add("sample.steps", steps, "must be a positive integer", "e.g. sample.steps=50, or None")
+    elif steps is not None and respace:
+        try:
+            respace(steps)
+        except ValueError as e:
+            problems.add("sample.steps", steps, str(e), "choose a number of steps that divides the timesteps evenly")
     try:
         make_guidance(sc)
     except (ValueError, TypeError) as e:
