@@ -1,7 +1,7 @@
 """The training loop: one process or many (torchrun, DDP through accelerate, or FSDP), CUDA or CPU (gloo).
 
 ``train(cfg)`` validates the whole config (ssm_tread.train.validate), takes the run dir's lock
-(ssm_tread.train.runlock), then runs :func:`setup` ( build or restore the model, EMA, optimizer, data stream
+(ssm_tread.train.runlock), then runs :func:`setup` (build or restore the model, EMA, optimizer, data stream
 and outputs into a :class:`Run`), :func:`loop` (the steps, with logging, grids, checkpoints, evaluations
 and signals) and :func:`finish` (last checkpoint, final evaluation, samples). One step is
 :class:`ssm_tread.train.step.TrainStep`, the same the step benchmark and the convergence study run.
