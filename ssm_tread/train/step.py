@@ -41,8 +41,18 @@ def build_optimizer(model: nn.Module, optim: dict, total_steps: int):
     """(AdamW, its LambdaLR schedule) from the ``optim`` config group, for a run of ``total_steps``."""
     optimizer = torch.optim.AdamW(parameter_groups(model, optim["weight_decay"]), lr=optim["lr"],
                                   betas=tuple(optim["betas"]), eps=optim["eps"])
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, optim, total_steps))
-    return optimizer, scheduler
+    return optimizer, schedule_at(optimizer, optim, total_steps, 0)
+
+
+def schedule_at(optimizer: torch.optim.Optimizer, optim: dict, total_steps: int, step: int):
+    """The LambdaLR of ``optimizer`` positioned at ``step`` (its rate ``optim.lr * lr_factor(step)``), after the
+    ``optim`` settings go onto the groups of :func:`parameter_groups`, over any a loaded optimizer state
+    brought: the rate is a function of the config and the step, so a resumed run follows the config given now."""
+    decay, no_decay = optimizer.param_groups
+    for group, weight_decay in ((decay, optim["weight_decay"]), (no_decay, 0.0)):
+        group.update(lr=optim["lr"], initial_lr=optim["lr"], betas=tuple(optim["betas"]), eps=optim["eps"],
+                     weight_decay=weight_decay)
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, optim, total_steps), step - 1)
 
 
 class TrainStep:

@@ -1,6 +1,7 @@
 """The training loop: one process or many (torchrun, DDP through accelerate, or FSDP), CUDA or CPU (gloo).
 
-``train(cfg)`` is :func:`setup` (check the config, build or restore the model, EMA, optimizer, data stream
+``train(cfg)`` validates the whole config (ssm_tread.train.validate), takes the run dir's lock
+(ssm_tread.train.runlock), then runs :func:`setup` (build or restore the model, EMA, optimizer, data stream
 and outputs into a :class:`Run`), :func:`loop` (the steps, with logging, grids, checkpoints, evaluations
 and signals) and :func:`finish` (last checkpoint, final evaluation, samples). One step is
 :class:`ssm_tread.train.step.TrainStep`, the same the step benchmark and the convergence study run.
@@ -8,14 +9,17 @@ and signals) and :func:`finish` (last checkpoint, final evaluation, samples). On
 Reproducibility: the data order, the noise and the diffusion times of every step are drawn for the
 whole global batch from generators seeded the same on every rank, and each rank takes its slice, so
 they do not depend on the number of ranks. Routing selections and label dropout use per-rank
-generators. A checkpoint holds the model, the EMA, the optimizer, the scheduler, the step, the RNG
-states of every rank and the training clock; the data position is the step itself. Under FSDP
+generators. A checkpoint holds the model, the EMA, the optimizer, the step, the RNG states of every rank
+and the training clock; the data position is the step itself, and the learning rate a function of the
+config and the step (ssm_tread.train.step.schedule_at). Under FSDP
 (``train.fsdp``, see ssm_tread.train.fsdp) its states are gathered in full: the same checkpoint as without it.
 """
 from __future__ import annotations
 
 import math
+import os
 import signal
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -25,22 +29,23 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from ssm_tread.checkpoint import (
-    CheckpointError,
     checkpoint_path,
     latest_checkpoint,
     list_checkpoints,
     load_checkpoint,
+    load_newest_good,
     load_weights,
     prune_checkpoints,
     save_checkpoint,
 )
+from ssm_tread.errors import UserError
 from ssm_tread.models import count_macs
 from ssm_tread.ops import set_backend
 from ssm_tread.sampling import generate, grid_labels, load_vae, save_grid
-from ssm_tread.train.config import ConfigError, save_config
+from ssm_tread.train.config import ConfigError, run_dir_of, save_config
 from ssm_tread.train.distributed import gather_objects, rng_state, set_rng_state
 from ssm_tread.train.ema import EMA
-from ssm_tread.train.evaluation import Evaluation, check_eval_config
+from ssm_tread.train.evaluation import Evaluation
 from ssm_tread.train.fsdp import (
     full_optimizer_state,
     full_state_dict,
@@ -50,10 +55,13 @@ from ssm_tread.train.fsdp import (
     shard,
 )
 from ssm_tread.train.metrics import Metrics, Window, plot_loss
-from ssm_tread.train.step import TrainStep, build_optimizer
+from ssm_tread.train.rng import isolated_rng
+from ssm_tread.train.runlock import RunLock
+from ssm_tread.train.step import TrainStep, build_optimizer, schedule_at
+from ssm_tread.train.validate import validate_config
 
 
-class TrainingError(RuntimeError):
+class TrainingError(UserError, RuntimeError):
     """A run that cannot go on; the message names the problem and the fix."""
 
 
@@ -62,10 +70,8 @@ def build_dataset_from(cfg: dict):
 
     data = cfg["data"]
     if data["name"] == "latents":
-        if not Path(data["root"]).is_dir():
-            raise ConfigError(f"data.root={data['root']!r} does not exist: extract the ImageNet latents there "
-                              f"(tools/extract_latents.py) or point data.root=/path/to/latents at them")
-        return build_dataset("latents", root=data["root"], **data["kwargs"])
+        return build_dataset("latents", root=data["root"], verify=data["verify"], progress=cfg["log"]["progress"],
+                             **data["kwargs"])
     return build_dataset(data["name"], **data["kwargs"])
 
 
@@ -145,15 +151,19 @@ class StopSignal:
             signal.signal(s, handler)
 
 
-def find_resume(cfg: dict, ckpt_dir: Path) -> Path | None:
-    """The checkpoint to continue from, or None for a fresh run (which must not clobber an earlier one)."""
+def find_resume(cfg: dict, ckpt_dir: Path, say=print) -> dict | None:
+    """The loaded checkpoint to continue from, or None for a fresh run (which must not clobber an earlier one).
+
+    ``train.resume=auto`` takes the newest good checkpoint, saying which corrupt ones it passed over, or
+    says that it starts fresh when there is none."""
     resume, newest = cfg["train"]["resume"], latest_checkpoint(ckpt_dir)
     if resume == "auto":
-        return newest
+        state = load_newest_good(ckpt_dir, say)
+        if state is None:
+            say(f"--resume: no checkpoint in {ckpt_dir}; starting fresh from step 0")
+        return state
     if resume != "none":
-        if not Path(resume).is_file():
-            raise CheckpointError(f"train.resume={resume!r} is not a file; pass a checkpoint path, 'auto' or 'none'")
-        return Path(resume)
+        return load_checkpoint(resume)
     if newest is not None and not cfg["train"]["overwrite"]:
         raise TrainingError(f"{ckpt_dir} already holds checkpoints (newest {newest.name}): continue that run with "
                             f"--resume (train.resume=auto), start over with train.overwrite=true, "
@@ -199,29 +209,17 @@ class Run:
 
 
 def train(cfg: dict) -> dict:
-    """Train as ``cfg`` says; returns a summary (run_dir, step, last checkpoint, final eval metrics)."""
-    run = setup(cfg)
-    stopped = loop(run)
-    if stopped:
-        return {"run_dir": run.run_dir, "step": run.step, "checkpoint": run.last_ckpt, "stopped": True}
-    return finish(run)
+    """Train as ``cfg`` says; returns a summary (run_dir, step, last checkpoint, final eval metrics).
 
-
-def check_config(cfg: dict, world: int) -> int:
-    """Refuse settings that cannot run, before anything is built; returns the per-rank micro-batch."""
-    tc, sc = cfg["train"], cfg["sample"]
-    if tc["batch_size"] % (world * tc["grad_accum"]):
-        raise ConfigError(f"train.batch_size={tc['batch_size']} is not divisible by {world} ranks x "
-                          f"train.grad_accum={tc['grad_accum']}; change one of them")
-    if tc["fsdp"] and tc["compile"]:
-        raise ConfigError("train.compile does not combine with train.fsdp (FSDP's per-block gathers break the "
-                          "compiled graph); set train.compile=false or train.fsdp=false")
-    if sc["cfg_scale"] != 1.0 and cfg["model"]["class_dropout_prob"] == 0:
-        raise ConfigError(f"sample.cfg_scale={sc['cfg_scale']} needs the null class that label dropout trains: "
-                          f"set model.class_dropout_prob > 0 or sample.cfg_scale=1.0")
-    check_eval_config(cfg)
-    select_scan_backend(cfg["model"]["scan_backend"])
-    return tc["batch_size"] // (world * tc["grad_accum"])
+    The whole config is checked first (ConfigError, one line per problem; nothing is created). Rank 0
+    holds the run dir's lock while the run lasts."""
+    validate_config(cfg)
+    with RunLock(run_dir_of(cfg)) if int(os.environ.get("RANK", 0)) == 0 else nullcontext():
+        run = setup(cfg)
+        stopped = loop(run)
+        if stopped:
+            return {"run_dir": run.run_dir, "step": run.step, "checkpoint": run.last_ckpt, "stopped": True}
+        return finish(run)
 
 
 def start_accelerator(tc: dict):
@@ -239,20 +237,18 @@ def start_accelerator(tc: dict):
 
 
 def setup(cfg: dict) -> Run:
-    """Check the config, build or restore the model, EMA, optimizer and data stream, and open the outputs."""
+    """Build or restore the model, EMA, optimizer and data stream, and open the outputs (the config is valid)."""
     tc = cfg["train"]
     accelerator = start_accelerator(tc)
     rank, world, device = accelerator.process_index, accelerator.num_processes, accelerator.device
-    micro = check_config(cfg, world)
-    run_dir = Path(tc["run_dir"] or f"runs/{cfg['_name']}")
-    resume = find_resume(cfg, run_dir / "checkpoints")
+    select_scan_backend(cfg["model"]["scan_backend"])
+    micro = tc["batch_size"] // (world * tc["grad_accum"])
+    run_dir = run_dir_of(cfg)
+    state = find_resume(cfg, run_dir / "checkpoints", print if accelerator.is_main_process else lambda line: None)
     accelerator.wait_for_everyone()
-    if accelerator.is_main_process:
-        (run_dir / "checkpoints").mkdir(parents=True, exist_ok=True)
-        save_config(cfg, run_dir / "config.json")
 
     dataset = build_dataset_from(cfg)
-    run = build_state(cfg, accelerator, run_dir, dataset, resume)
+    run = build_state(cfg, accelerator, run_dir, dataset, state)
     run.micro = micro
     run.train_step = TrainStep(run.model, run.diffusion, run.optimizer, run.scheduler, run.ema,
                                loss_type=cfg["routing"]["loss"], grad_clip=cfg["optim"]["grad_clip"],
@@ -263,13 +259,13 @@ def setup(cfg: dict) -> Run:
                         generator=torch.Generator().manual_seed(tc["seed"] + rank), worker_init_fn=_ignore_sigint,
                         persistent_workers=cfg["data"]["num_workers"] > 0)
     run.batches = iter(loader)
-    open_outputs(run, fresh=resume is None)
+    open_outputs(run, fresh=state is None)
     return run
 
 
-def build_state(cfg: dict, accelerator, run_dir: Path, dataset, resume: Path | None) -> Run:
+def build_state(cfg: dict, accelerator, run_dir: Path, dataset, state: dict | None) -> Run:
     """The model, its EMA, the diffusion, AdamW and its schedule, and the RNG streams: new (seeded) or from
-    the ``resume`` checkpoint; sharded under FSDP, wrapped for DDP otherwise."""
+    the loaded checkpoint ``state``; sharded under FSDP, wrapped for DDP otherwise."""
     from ssm_tread.diffusion import create_diffusion
     from ssm_tread.models import create_model
 
@@ -283,9 +279,8 @@ def build_state(cfg: dict, accelerator, run_dir: Path, dataset, resume: Path | N
     generators = {"noise": torch.Generator(device).manual_seed(tc["seed"]),
                   "routing": torch.Generator(device).manual_seed(tc["seed"] * 1009 + rank + 1)}
     model.router.generator = generators["routing"]
-    state = load_checkpoint(resume) if resume is not None else None
     if state is not None:
-        load_weights(model, state["model"], f"checkpoint {resume}")
+        load_weights(model, state["model"], f"checkpoint {state['path']}")
         ema.load_state_dict(state["ema"])
     fsdp = tc["fsdp"] and world > 1
     if fsdp:  # the full weights are in; the optimizer takes the sharded parameters
@@ -296,7 +291,7 @@ def build_state(cfg: dict, accelerator, run_dir: Path, dataset, resume: Path | N
     step = state["step"] if state is not None else 0
     if state is not None:
         load_optimizer_state(model, optimizer, state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
+        scheduler = schedule_at(optimizer, oc, tc["steps"], step)  # the config given now, not the checkpoint's
     torch.manual_seed(tc["seed"] * 1009 + rank + step)
     if state is not None and len(state["rng"]) == world:
         set_rng_state(state["rng"][rank], generators)
@@ -326,6 +321,8 @@ def open_outputs(run: Run, fresh: bool) -> None:
         except FileNotFoundError as e:
             raise ConfigError(f"{e}; or turn off sample grids (log.grid_every=0) and evaluation "
                               f"(eval.num_samples=0 eval.every=0)") from None
+    if run.main:  # the run has started: its config replaces the one of the run dir
+        save_config(cfg, run.run_dir / "config.json")
     if run.main and fresh:
         for _, old in list_checkpoints(run.ckpt_dir):  # an earlier run's, with train.overwrite=true
             old.unlink()
@@ -413,8 +410,9 @@ def write_grid(run: Run, sampler, path: Path) -> None:
     sc, device = run.cfg["sample"], run.accelerator.device
     labels = grid_labels(sc["grid_classes"], sc["grid_per_class"], device)
     noise = torch.randn((len(labels), *sample_shape(run)), generator=torch.Generator().manual_seed(sc["seed"]))
-    images = generate(sampler, run.diffusion, labels, noise.to(device), sc, run.decode,
-                      torch.Generator(device).manual_seed(sc["seed"]))
+    with isolated_rng(device):  # the training's draws stay as they were
+        images = generate(sampler, run.diffusion, labels, noise.to(device), sc, run.decode,
+                          torch.Generator(device).manual_seed(sc["seed"]))
     save_grid(images, path, sc["grid_cols"] or sc["grid_per_class"])
 
 
@@ -427,7 +425,7 @@ def save(run: Run) -> Path:
     optimizer_state = full_optimizer_state(run.raw_model, run.optimizer)
     if run.main:
         save_checkpoint({"model": weights, "ema": ema_weights, "optimizer": optimizer_state,
-                         "scheduler": run.scheduler.state_dict(), "step": run.step, "rng": states,
+                         "step": run.step, "rng": states,
                          "clock": list(run.clock), "config": run.cfg,
                          "model_name": run.model_name, "model_kwargs": run.model_kwargs}, path)
         prune_checkpoints(run.ckpt_dir, tc["keep_last"], tc["keep_every"])
