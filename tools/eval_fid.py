@@ -17,7 +17,7 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from ssm_tread.cli import ArgumentParser, positive_int, run_tool  # noqa: E402
+from tools.cli import ArgumentParser, positive_int, run_tool  # noqa: E402
 from ssm_tread.eval.adm import evaluate_npz, summary_line  # noqa: E402
 from ssm_tread.eval.inception import DEFAULT_INCEPTION_PATH  # noqa: E402
 

@@ -12,7 +12,7 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from ssm_tread.cli import ArgumentParser, fail, positive_int, run_tool  # noqa: E402
+from tools.cli import ArgumentParser, fail, positive_int, run_tool  # noqa: E402
 from ssm_tread.data.extract import extract_latents  # noqa: E402
 from ssm_tread.data.latents import latent_statistics, verify_shards  # noqa: E402
 

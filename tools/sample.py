@@ -17,7 +17,7 @@ from pathlib import Path
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from ssm_tread.cli import ArgumentParser, positive_int, run_tool
+from tools.cli import ArgumentParser, positive_int, run_tool
 
 
 def main():

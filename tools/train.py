@@ -17,7 +17,7 @@ from pathlib import Path
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from ssm_tread.cli import ArgumentParser, run_tool  # noqa: E402
+from tools.cli import ArgumentParser, run_tool  # noqa: E402
 from ssm_tread.train.config import load_config, resume_config  # noqa: E402
 from ssm_tread.train.trainer import train  # noqa: E402
 
