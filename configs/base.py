@@ -29,6 +29,8 @@ data = dict(
     root="data/imagenet256_latents",  # the latent shards (latents only)
     kwargs={},                # more build_dataset keywords
     num_workers=4,            # data-loader worker processes per rank
+    verify="sample",          # latent shards, checked when a run opens them: "sample" (sizes + checksum of each
+                              # file's header and sampled blocks), "full" (sha256 of every byte) or "none" (sizes)
 )
 
 optim = dict(
@@ -59,7 +61,7 @@ train = dict(
                               # converted official one: tools/convert_checkpoint.py); empty: random init
     overwrite=False,          # a fresh run may replace the checkpoints of an earlier run in run_dir
     ckpt_every=10_000,
-    keep_last=2,              # checkpoints kept besides milestones
+    keep_last=2,              # newest checkpoints kept besides milestones; >= 1 (the newest is never pruned)
     keep_every=50_000,        # milestone checkpoints kept for good; 0: none
 )
 

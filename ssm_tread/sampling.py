@@ -16,8 +16,9 @@ import numpy as np
 import torch
 
 from ssm_tread.diffusion import Guidance, create_diffusion
+from ssm_tread.diffusion.common import check_choice
 from ssm_tread.models import create_model
-from ssm_tread.train.checkpoint import load_checkpoint, load_weights
+from ssm_tread.checkpoint import load_checkpoint, load_weights
 
 LATENT_SCALE = 0.18215
 
@@ -190,6 +191,8 @@ def _setup(checkpoint, sample_overrides: dict, use_ema: bool, device: torch.devi
         torch.backends.cudnn.allow_tf32 = True
     model, diffusion, cfg = load_for_sampling(checkpoint, device, use_ema)
     sample_cfg = {**cfg["sample"], **{k: v for k, v in sample_overrides.items() if v is not None}}
+    check_choice("sampler", sample_cfg["sampler"] or diffusion.default_sampler, diffusion.samplers)
+    make_guidance(sample_cfg)  # raises for a bad interval or routing guidance
     decode = load_vae(sample_cfg["vae"], device) if cfg["data"]["name"] == "latents" else None
     return model, diffusion, sample_cfg, decode
 

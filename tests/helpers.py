@@ -75,3 +75,28 @@ def save_tiny_vae(path):
                         norm_num_groups=4, sample_size=16)
     vae.save_pretrained(path)
     return str(path)
+
+
+ROOT = __import__("pathlib").Path(__file__).resolve().parents[1]
+
+
+def run_tool(*args, fault=None, timeout=300, env=None):
+    """A command-line tool of tools/ as a user runs it (optionally under a tests/faults.py fault), from the
+    repository root on one thread; returns the CompletedProcess."""
+    import os
+    import subprocess
+    import sys
+
+    prefix = [str(ROOT / "tests" / "faults.py"), fault] if fault else []
+    command = [sys.executable, *prefix, *map(str, args)]
+    return subprocess.run(command, capture_output=True, text=True, timeout=timeout, cwd=ROOT, check=False,
+                          env={**os.environ, "OMP_NUM_THREADS": "1", **(env or {})})
+
+
+def assert_fails_in_one_line(done, code, *needles, lines=1):
+    """Exit ``code``, at most ``lines`` error lines on stderr and no traceback, each needle in them."""
+    errors = [line for line in done.stderr.splitlines() if line.strip()]
+    assert done.returncode == code, (done.returncode, done.stderr[-3000:])
+    assert "Traceback" not in done.stderr and len(errors) <= lines, done.stderr[-3000:]
+    for needle in needles:
+        assert needle in done.stderr, (needle, done.stderr)

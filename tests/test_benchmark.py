@@ -1,71 +1,75 @@
-"""The step and router benchmarks and the convergence study's bookkeeping (CPU, tiny models, no timed
-assertions)."""
+"""The benchmark and study tools (tools/bench/): CPU, tiny models, no timed assertions."""
 
 from __future__ import annotations
 
 import json
 import math
+import textwrap
 
 import pytest
 import torch
 
-from ssm_tread import benchmark as bench
-from ssm_tread import study
 from ssm_tread.models import count_macs, create_model
+from ssm_tread.train.config import load_config
+from tools.bench import study_report as report
+from tools.bench.report import write_outputs
+from tools.bench.router import benchmark_router, identity_blocks
+from tools.bench.specs import PRESETS, parse_spec
+from tools.bench.step import MODES, benchmark_step, build_step, routing_off, saved_activation_bytes
+from tools.bench.study import grid, run_overrides, run_study
+from helpers import randomize_zero_parameters
 
-
-def tiny_dit(routes=((1, 2, 0.5),)) -> bench.StepConfig:
-    return bench.StepConfig("tiny DiT", "DiT", dict(input_size=8, patch_size=2, hidden_size=32, depth=4, num_heads=2,
-                                                    num_classes=10), [list(r) for r in routes], batch_size=2)
+TINY_DIT = ("model=DiT,label=tiny DiT,input_size=8,patch_size=2,hidden_size=32,depth=4,num_heads=2,num_classes=10,"
+            "route=1:2:0.5")
 
 
 # --------------------------------------------------------------------------------------------------
-# step benchmark
+# specs and the step benchmark
+
+
+def test_spec_becomes_a_trainer_config():
+    cfg = parse_spec("model=DiM,hidden_size=64,depth=9,patch_size=2,batch=4,route=2:5:0.5;6:6:0.25,objective=flow")
+    assert (cfg["model"]["name"], cfg["model"]["kwargs"]) == ("DiM", dict(hidden_size=64, depth=9, patch_size=2))
+    assert cfg["train"]["batch_size"] == 4 and cfg["diffusion"]["objective"] == "flow"
+    assert cfg["routing"]["routes"] == [(2, 5, 0.5), (6, 6, 0.25)]
+    assert (cfg["train"]["precision"], cfg["optim"]["lr"]) == ("fp32", 1e-4)  # benchmark default, base config
+    tiny = parse_spec("dit-tiny,batch=8")
+    assert tiny["train"]["batch_size"] == 8 and tiny["_label"] == "DiT-tiny"
+    assert (tiny["_data"].image_size, tiny["_data"].num_classes) == (8, 10) and "input_size" not in tiny["model"]["kwargs"]
+    assert parse_spec("model=ZigMa,depth=12,hidden_size=32")["routing"]["routes"] == [(2, 8, 0.5)]  # the paper's
+    assert parse_spec("dit-b2")["routing"]["routes"] == [(2, 8, 0.5)] and "dit-b2" in PRESETS
+    with pytest.raises(ValueError, match="unknown preset"):
+        parse_spec("no-such-preset")
+    with pytest.raises(ValueError, match="model=NAME"):
+        parse_spec("batch=2")
+
+
+def test_saved_activation_bytes_counts_the_tensors_autograd_keeps():
+    a = torch.randn(3, 5, requires_grad=True)
+    b = torch.randn(3, 5, requires_grad=True)
+    assert saved_activation_bytes(lambda: (a * b).sum(), set()) == 2 * 15 * 4  # mul saves both operands
+    assert saved_activation_bytes(lambda: (a * b).sum(), {a.untyped_storage().data_ptr()}) == 15 * 4
+    assert saved_activation_bytes(lambda: (a + b).sum(), set()) == 0  # add saves nothing
 
 
 @pytest.fixture(scope="module")
 def step_result():
     torch.manual_seed(0)
-    return bench.benchmark_step(tiny_dit(), "cpu", warmup=1, repeats=3, peak_tflops=1.0)
+    return benchmark_step(parse_spec(TINY_DIT), "cpu", warmup=1, repeats=3, peak_tflops=1.0)
 
 
-def test_step_result_fields_and_sane_values(step_result):
+def test_step_result_is_complete_and_interleaved(step_result):
     r = step_result
     json.dumps(r)  # JSON-ready
-    for key in ("label", "config", "routes", "device", "device_name", "scan_backend", "params", "batch_size",
-                "macs_forward", "analytic_speedup", "speedup", "speedup_pairwise", "speedup_over_analytic",
-                "speedup_cpu", "cpu_speedup_over_analytic", "order", "baseline", "tread"):
-        assert key in r, key
     assert r["order"] == "ABBAAB"
-    assert r["optimizer_step"]["wall_s"] > 0
     assert r["scan_backend"].startswith("n/a")
-    assert r["params"] == sum(p.numel() for p in create_model("DiT", **tiny_dit().kwargs).parameters())
-    assert r["macs_forward"]["tread"] < r["macs_forward"]["baseline"]
-    assert r["analytic_speedup"] == pytest.approx(r["macs_forward"]["baseline"] / r["macs_forward"]["tread"])
-    for name in bench.MODES:
+    for name in MODES:
         m = r[name]
         assert len(m["step_times_s"]) == 3 and all(t > 0 for t in m["step_times_s"])
-        assert len(m["cpu_times_s"]) == 3
-        median = m["step_time_s"]["median"]
-        assert m["step_time_s"]["min"] <= median <= m["step_time_s"]["max"]
-        assert m["images_per_s"] == pytest.approx(r["batch_size"] / median)
-        assert m["tflops"] == pytest.approx(6 * r["macs_forward"][name] * m["images_per_s"] / 1e12)
-        assert m["mfu"] == pytest.approx(m["tflops"] / 1.0)
-        assert m["activation_bytes"] > 0
-        assert m["peak_memory_bytes"] > m["activation_bytes"]
+        assert m["step_time_s"]["min"] <= m["step_time_s"]["median"] <= m["step_time_s"]["max"]
+        assert m["peak_memory_bytes"] > m["activation_bytes"] > 0
     assert r["tread"]["activation_bytes"] < r["baseline"]["activation_bytes"]  # fewer tokens in blocks 1-2
-    assert r["speedup"] == pytest.approx(r["baseline"]["step_time_s"]["median"] / r["tread"]["step_time_s"]["median"])
-    assert r["speedup_over_analytic"] == pytest.approx(r["speedup"] / r["analytic_speedup"])
-
-
-def test_markdown_json_and_plot_are_written(step_result, tmp_path):
-    paths = bench.write_outputs([step_result], {"date": "2026-11-22", "command": "test"}, tmp_path / "bench",
-                                tmp_path / "bench.png")
-    data = json.loads(paths["json"].read_text())
-    assert data["results"][0]["label"] == "tiny DiT"
-    table = paths["md"].read_text()
-    assert "tiny DiT" in table and "speedup" in table
-    assert paths["plot"].stat().st_size > 0
+    assert r["update_step"]["wall_s"] > 0
 
 
 def hand_dit_macs(depth: int, dim: int, tokens: int, patch: int, channels: int, out_channels: int,
@@ -83,53 +87,86 @@ def hand_dit_macs(depth: int, dim: int, tokens: int, patch: int, channels: int, 
 
 
 def test_analytic_ratio_matches_a_hand_count(step_result):
-    config = tiny_dit(routes=((1, 2, 0.5),))  # the config of step_result
-    model = create_model(config.model, routes=config.routes, **config.kwargs)
     # 8x8 input, patch 2: 16 tokens; ratio 0.5 keeps 16 - floor(8) = 8 tokens in blocks 1 and 2
     full = hand_dit_macs(4, 32, 16, 2, 4, 8, {})
     routed = hand_dit_macs(4, 32, 16, 2, 4, 8, {1: 8, 2: 8})
-    assert count_macs(model, routed=False) == full
-    assert count_macs(model, routed=True) == routed
+    model = create_model("DiT", input_size=8, patch_size=2, hidden_size=32, depth=4, num_heads=2, num_classes=10,
+                         routes=[(1, 2, 0.5)])
+    assert (count_macs(model, routed=False), count_macs(model, routed=True)) == (full, routed)
     assert step_result["macs_forward"] == {"baseline": full, "tread": routed}
     assert step_result["analytic_speedup"] == pytest.approx(full / routed)
 
 
+def test_markdown_json_and_plot_are_written(step_result, tmp_path):
+    paths = write_outputs([step_result], {"date": "2026-11-22", "command": "test"}, tmp_path / "bench",
+                          tmp_path / "bench.png")
+    assert json.loads(paths["json"].read_text())["results"][0]["label"] == "tiny DiT"
+    table = paths["md"].read_text()
+    assert "tiny DiT" in table and "speedup" in table
+    assert paths["plot"].stat().st_size > 0
+
+
 def test_routing_off_swaps_the_router_back():
-    setup = bench.build_step(tiny_dit())
+    setup = build_step(parse_spec(TINY_DIT))
     router = setup.model.router
-    with bench.routing_off(setup.model):
+    with routing_off(setup.model):
         assert setup.model.router is not router and not setup.model.router.routes
     assert setup.model.router is router
 
 
-def test_parse_config():
-    c = bench.parse_config("model=DiM,hidden_size=64,depth=9,patch_size=2,batch=4,route=2:5:0.5")
-    assert (c.model, c.batch_size, c.routes) == ("DiM", 4, [(2, 5, 0.5)])
-    assert c.kwargs == dict(hidden_size=64, depth=9, patch_size=2)
-    preset = bench.parse_config("dit-b2,batch=8")
-    assert preset.batch_size == 8 and bench.PRESETS["dit-b2"].batch_size == 2
-    paper = bench.parse_config("model=ZigMa,depth=12,hidden_size=32,route=paper")
-    assert bench.resolve_routes(paper) == [(2, 8, 0.5)]
-    with pytest.raises(ValueError):
-        bench.parse_config("no-such-preset")
+# --------------------------------------------------------------------------------------------------
+# router overhead
 
 
-@pytest.mark.parametrize("preset", ["zigma-tiny", "dim-tiny"])
-def test_router_overhead_on_scan_models(preset):
-    config = bench.parse_config(preset)
-    result = bench.benchmark_router(config, "cpu", steps=1, warmup=0, repeats=2)
+@pytest.mark.parametrize("preset", ["dit-tiny", "zigma-tiny", "dim-tiny"])
+def test_with_identity_blocks_routing_changes_nothing(preset):
+    """Tokens that skip identity blocks re-enter unchanged: the routed forward equals the unrouted one, so
+    what the routed one costs more is the router's work alone."""
+    model = build_step(parse_spec(preset)).model
+    randomize_zero_parameters(model)  # the final layer starts at zero: every output would be 0
+    x, t, y = torch.randn(2, 4, 8, 8), torch.rand(2) * 1000, torch.tensor([1, 2])
+    torch.manual_seed(1)
+    before = model(x, t, y)
+    with identity_blocks(model):
+        torch.manual_seed(1)
+        routed = model(x, t, y)
+        with routing_off(model):
+            torch.manual_seed(1)
+            unrouted = model(x, t, y)
+    torch.testing.assert_close(routed, unrouted, rtol=1e-5, atol=1e-6)
+    torch.manual_seed(1)
+    torch.testing.assert_close(model(x, t, y), before, rtol=0, atol=0)  # the blocks are back
+    assert not torch.allclose(routed, before)
+
+
+@pytest.mark.parametrize("preset,length,kept", [("zigma-tiny", 16, 8), ("dim-tiny", 54, 46)])
+def test_router_overhead_on_scan_models(preset, length, kept):
+    # 8x8 input, patch 2: a 4x4 grid, half of it routed; DiM adds 5 prefix tokens and pads the grid to 7x7,
+    # never routed: 5 + 49 = 54 tokens of which 54 - 8 stay
+    result = benchmark_router(parse_spec(preset), "cpu", steps=1, warmup=0, repeats=2)
     o = result["router"]
-    assert set(o["times_s"]) == {"select", "gather", "scatter", "scan_orders", "total"}
-    assert 0 < o["overhead_share"] and 0 <= o["overhead_share_cpu"]
+    assert (o["length"], o["kept"]) == (length, kept)
+    assert {"enter", "exit", "scan"} <= set(o["forward_parts_s"])
+    assert o["routed_step_cpu_s"] > 0 and o["routed_step_s"] > 0
     assert result["scan_backend"] in ("torch", "reference", "mamba_ssm")
-    model = bench.build_step(config).model
-    n = model.grid_positions.numel()
-    fixed = model.seq_len - n  # DiM's prefix and padding tokens are never routed
-    assert o["kept"] == fixed + n - n // 2
 
 
 # --------------------------------------------------------------------------------------------------
 # convergence study
+
+
+def test_study_file_is_a_trainer_config_with_a_grid():
+    cfg = load_config("configs/study_digits.py")
+    runs = grid(cfg)
+    assert len(runs) == 27 and runs[:3] == [("DiT", "none", 0), ("DiT", "scan", 0), ("DiT", "naive", 0)]
+    assert grid(cfg, seeds=[1], modes=["naive"]) == [("DiT", "naive", 1), ("DiM", "naive", 1), ("ZigMa", "naive", 1)]
+    run = load_config("configs/study_digits.py", run_overrides(cfg, "ZigMa", "naive", 2, "runs/x"))
+    assert (run["model"]["name"], run["routing"]["scan_consistent"], run["train"]["seed"]) == ("ZigMa", False, 2)
+    assert run["model"]["kwargs"]["hidden_size"] == 68 and run["routing"]["routes"] == [(2, 5, 0.5)]
+    none = load_config("configs/study_digits.py", run_overrides(cfg, "DiT", "none", 0, "runs/x"))
+    assert none["routing"]["routes"] == [] and none["model"]["name"] == "DiT"
+    with pytest.raises(ValueError, match="not in the study"):
+        grid(cfg, seeds=[7])
 
 
 def fake_run(backbone, mode, seed, fids, accs):
@@ -146,7 +183,7 @@ def test_aggregation_matches_a_hand_computation():
         "c": fake_run("DiM", "scan", 2, [14.0, 9.0], [0.3, 1.0]),
         "d": fake_run("DiM", "none", 0, [20.0, 8.0], [0.1, 0.2]),
     }
-    agg = study.aggregate(runs)
+    agg = report.aggregate(runs)
     first, last = agg["DiM"]["scan"]
     assert (first["step"], first["n"], last["step"]) == (10, 3, 20)
     # step 10: FID 10, 12, 14 -> mean 12, sample std sqrt((4 + 0 + 4) / 2) = 2
@@ -169,46 +206,55 @@ def test_paired_differences_and_equal_cost():
         "d": fake_run("ZigMa", "naive", 1, [15.0, 6.0], [0.4, 0.8]),
         "e": fake_run("ZigMa", "none", 0, [20.0, 8.0], [0.1, 0.5]),
     }
-    diffs = study.paired_differences({"runs": runs}, "naive", "scan")["ZigMa"]
+    diffs = report.paired_differences({"runs": runs}, "naive", "scan")["ZigMa"]
     # step 10: 11 - 10 = 1, 15 - 12 = 3 -> mean 2, std sqrt(2); step 20: 3, 1 -> mean 2, std sqrt(2)
     assert diffs[10][0] == pytest.approx(2.0) and diffs[10][1] == pytest.approx(math.sqrt(2.0)) and diffs[10][2] == 2
     assert diffs[20][0] == pytest.approx(2.0)
-    rows = {r["mode"]: r for r in study.equal_cost_rows({"runs": runs})}
+    rows = {r["mode"]: r for r in report.equal_cost_rows({"runs": runs})}
     # TREAD's 20 steps at 7/10 of the MACs equal 14 no-routing steps: FID 20 + (8 - 20) * 0.4 = 15.2
     assert rows["scan"]["compute_step"] == pytest.approx(14.0)
     assert rows["scan"]["compute_fid"] == pytest.approx(15.2)
     assert rows["scan"]["compute_accuracy"] == pytest.approx(0.1 + 0.4 * 0.4)
-    assert study._interpolate(5.0, [10.0, 20.0], [1.0, 2.0]) is None
+    assert report._interpolate(5.0, [10.0, 20.0], [1.0, 2.0]) is None
 
 
 def test_study_table_and_plots(tmp_path):
-    runs = {study.run_key(b, m, s): fake_run(b, m, s, [10.0 + s, 5.0 + s], [0.5, 0.6])
-            for b in ("DiT", "ZigMa") for m in study.MODES for s in (0, 1)}
+    runs = {report.run_key(b, m, s): fake_run(b, m, s, [10.0 + s, 5.0 + s], [0.5, 0.6])
+            for b in ("DiT", "ZigMa") for m in report.MODES for s in (0, 1)}
     data = {"runs": runs}
-    table = study.markdown_table(data)
+    table = report.markdown_table(data)
     assert "TREAD, scan-consistent" in table and "10.50 +- 0.71" in table
     for x in ("step", "train_wall_s"):
         path = tmp_path / f"{x}.png"
-        study.plot_study(data, path, x=x)
+        report.plot_study(data, path, x=x)
         assert path.stat().st_size > 0
 
 
-def test_study_runs_resume_and_modes_share_their_start(tmp_path):
-    config = study.StudyConfig(
-        backbones={"ZigMa": ("ZigMa", dict(hidden_size=16, depth=7, patch_size=4, d_state=4))},
-        routes={"ZigMa": [(2, 3, 0.5)]}, modes=("none", "scan", "naive"), seeds=(0,), steps=2, batch_size=4,
-        warmup_steps=1, eval_at=(2,), eval_samples=10, sample_steps=1, loss_every=1)
-    data = study.run_study(config, tmp_path, log=None)
-    assert len(data["runs"]) == 3
+def test_study_trains_through_the_trainer_and_resumes(tmp_path):
+    config = tmp_path / "tiny_study.py"
+    config.write_text(textwrap.dedent("""
+        from base import *
+        model.update(name="ZigMa", kwargs=dict(hidden_size=16, depth=7, patch_size=4, d_state=4), learn_sigma=False)
+        diffusion["objective"] = "flow"
+        data.update(name="digits", num_workers=0)
+        optim.update(lr=1e-3, warmup_steps=1)
+        train.update(steps=2, batch_size=4, ckpt_every=0, cpu_threads=1)
+        log.update(every=1, grid_every=0, tensorboard=False)
+        sample.update(sampler="euler", steps=1, batch_size=20, grid_classes=[0, 1], grid_per_class=2)
+        eval.update(num_samples=20, every=2)
+        study = dict(backbones={"ZigMa": (model["name"], model["kwargs"])}, routes={"ZigMa": [(2, 3, 0.5)]},
+                     modes=("none", "scan", "naive"), seeds=(0, 1))
+    """))
+    data = run_study(str(config), tmp_path / "runs", workers=2, seeds=[0])
+    assert sorted(data["runs"]) == ["ZigMa|naive|0", "ZigMa|none|0", "ZigMa|scan|0"]
     for run in data["runs"].values():
-        assert [e["step"] for e in run["evals"]] == [2]
-        assert run["evals"][0]["train_wall_s"] > 0
+        assert [e["step"] for e in run["evals"]] == [2] and run["evals"][0]["train_wall_s"] > 0
+        assert set(run["evals"][0]) == {"step", "fid", "accuracy", "train_wall_s", "train_cpu_s"}
     # the two TREAD modes start from the same weights, batches and subsets: their first losses agree
-    scan, naive = (data["runs"][study.run_key("ZigMa", m, 0)]["losses"][0]["loss"] for m in ("scan", "naive"))
+    scan, naive = (data["runs"][f"ZigMa|{m}|0"]["losses"][0]["loss"] for m in ("scan", "naive"))
     assert scan == pytest.approx(naive, rel=1e-3)
-    stamp = {p.name: p.stat().st_mtime_ns for p in (tmp_path / "runs").glob("*.json")}
-    study.run_study(config, tmp_path, log=None)  # everything is done: nothing reruns
-    assert stamp == {p.name: p.stat().st_mtime_ns for p in (tmp_path / "runs").glob("*.json")}
-    other = study.StudyConfig(**{**config.__dict__, "steps": 3})
-    with pytest.raises(ValueError):
-        study.run_study(other, tmp_path, log=None)
+    assert data["runs"]["ZigMa|none|0"]["macs"]["full"] == data["runs"]["ZigMa|scan|0"]["macs"]["full"]
+    assert data["runs"]["ZigMa|scan|0"]["macs"]["routed"] < data["runs"]["ZigMa|scan|0"]["macs"]["full"]
+    stamps = {p: p.stat().st_mtime_ns for p in (tmp_path / "runs").glob("*/eval.json")}
+    assert len(run_study(str(config), tmp_path / "runs", seeds=[0])["runs"]) == 3  # all done: nothing retrains
+    assert stamps == {p: p.stat().st_mtime_ns for p in (tmp_path / "runs").glob("*/eval.json")}

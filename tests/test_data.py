@@ -7,15 +7,24 @@ from PIL import Image
 from ssm_tread.data import adm_center_crop, build_dataset
 
 
+def test_bundled_digits_equal_sklearns():
+    sklearn_datasets = pytest.importorskip("sklearn.datasets")
+    from ssm_tread.data.digits import load_digits_arrays
+
+    images, labels = load_digits_arrays()
+    digits = sklearn_datasets.load_digits()
+    assert np.array_equal(images, digits.images) and np.array_equal(labels, digits.target)
+
+
 def test_digits_dataset():
-    from sklearn.datasets import load_digits
+    from ssm_tread.data.digits import load_digits_arrays
     ds = build_dataset("digits")
     assert len(ds) == 1797
     assert (ds.channels, ds.image_size, ds.num_classes) == (1, 16, 10)
     x, y = ds[0]
     assert x.shape == (1, 16, 16) and x.dtype == torch.float32 and y.dtype == torch.long
     assert ds.images.min() == -1 and 0.9 < ds.images.max() <= 1
-    assert torch.bincount(ds.labels).tolist() == np.bincount(load_digits().target).tolist()
+    assert torch.bincount(ds.labels).tolist() == np.bincount(load_digits_arrays()[1]).tolist()
     assert set(ds.labels.tolist()) == set(range(10))
 
 
@@ -32,13 +41,13 @@ def bilinear_2x(a):
     return axis(axis(a, 0), 1)
 
 
-def test_digits_pixels_are_bilinear_upsampled_sklearn():
-    from sklearn.datasets import load_digits
+def test_digits_pixels_are_bilinear_upsampled_originals():
+    from ssm_tread.data.digits import load_digits_arrays
     ds = build_dataset("digits")
     for i in [0, 5, 1796]:
-        expected = bilinear_2x(load_digits().images[i] / 16.0) * 2 - 1
+        expected = bilinear_2x(load_digits_arrays()[0][i] / 16.0) * 2 - 1
         assert np.allclose(ds[i][0][0].numpy(), expected, atol=1e-6)
-        assert ds[i][1].item() == load_digits().target[i]
+        assert ds[i][1].item() == load_digits_arrays()[1][i]
 
 
 def reference_crop(image, size):

@@ -311,3 +311,21 @@ def test_bad_names_list_the_choices():
     with pytest.raises(ValueError, match="'full', 'routed'"):
         d.training_losses(GaussianDataDenoiser(0.0, 1.0), torch.randn(1, 1, 2, 2), {}, loss_type="masked")
     assert d.default_sampler in d.samplers and isinstance(d, GaussianDiffusion)
+
+
+def test_training_times_are_uniform_steps_and_what_the_loss_draws():
+    diffusion = create_diffusion("ddpm", num_timesteps=10, schedule="cosine")
+    x = torch.zeros(50000, 1, 1, 1)
+    t = diffusion.sample_time(x, torch.Generator().manual_seed(0))
+    assert t.dtype == torch.long and t.min() == 0 and t.max() == 9
+    assert torch.bincount(t, minlength=10).float().div(len(t)).sub(0.1).abs().max() < 0.01
+    seen = []
+
+    def model(x_t, model_t):
+        seen.append(model_t)
+        return torch.zeros_like(x_t)
+
+    small = torch.zeros(4, 1, 1, 1)
+    diffusion.training_losses(model, small, {}, generator=torch.Generator().manual_seed(3))
+    expected = diffusion.sample_time(small, torch.Generator().manual_seed(3))
+    assert torch.equal(seen[0], expected.float())  # the identity timestep map: the model sees the drawn steps

@@ -14,8 +14,8 @@ class LabelModel:
 
     num_classes = NUM_CLASSES
 
-    def __init__(self, learn_sigma=False):
-        self.learn_sigma = learn_sigma
+    def __init__(self, learn_sigma=False, in_channels=2):
+        self.learn_sigma, self.in_channels = learn_sigma, in_channels
         self.calls = []
 
     def __call__(self, x, t, y):
@@ -65,6 +65,16 @@ def test_cfg_evaluates_cond_and_null_label_in_one_call():
     cond, uncond = x * (1 + y.view(-1, 1, 1, 1)), x * (1 + NUM_CLASSES)
     torch.testing.assert_close(out[:, :2], uncond + 4.0 * (cond - uncond))
     torch.testing.assert_close(out[:, 2:], x - (1 + y.view(-1, 1, 1, 1)))  # the variance of the cond half
+
+
+def test_cfg_default_leaves_learned_variance_unguided():
+    """As the reference DiT: the variance channels of the sampled (conditional) half are never extrapolated."""
+    model = LabelModel(learn_sigma=True, in_channels=2)
+    x, t, y = torch.randn(3, 2, 4, 4), torch.full((3,), 500.0), torch.tensor([0, 4, 9])
+    out = Guidance(cfg_scale=4.0)(model, x, t, {"y": y}, time=0.5)
+    cond, uncond = x * (1 + y.view(-1, 1, 1, 1)), x * (1 + NUM_CLASSES)
+    torch.testing.assert_close(out[:, :2], uncond + 4.0 * (cond - uncond))
+    torch.testing.assert_close(out[:, 2:], x - (1 + y.view(-1, 1, 1, 1)))
 
 
 def test_cfg_scale_one_is_a_single_plain_call():

@@ -9,6 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from ssm_tread.diffusion import Guidance
 from ssm_tread.models import create_model
 from ssm_tread.models.dit import DiT
 from ssm_tread.models.layers import token_masks_to_pixels
@@ -272,52 +273,25 @@ def test_routed_backward_reaches_every_block():
 # ---------------------------------------------------------------- guidance
 
 
-def cfg_inputs(batch: int = 2):
-    x, t, y = inputs(batch=batch)
-    x = torch.cat([x, x])
-    t = torch.cat([t, t])
-    y = torch.cat([y, torch.full_like(y, 10)])
-    return x, t, y
-
-
-def test_cfg_scale_one_equals_conditional_output():
-    model = small_dit().eval()
-    x, t, y = cfg_inputs()
+def cond_and_uncond(model, x, t, y):
+    """The model's outputs for the labels and for the null class, as two separate plain calls."""
     with torch.no_grad():
-        guided = model.forward_with_cfg(x, t, y, cfg_scale=1.0)
-        cond = model(x[:2], t[:2], y[:2])
-    torch.testing.assert_close(guided[:2], cond, rtol=1e-5, atol=1e-5)  # batch 4 vs 2: float rounding
+        return model(x, t, y), model(x, t, torch.full_like(y, model.num_classes))
 
 
-def test_cfg_reference_guides_only_three_channels():
+@pytest.mark.parametrize("guided_channels", [3, 4])
+def test_guidance_on_a_dit_matches_the_reference_formula(guided_channels):
+    # the reference DiT's forward_with_cfg: eps = uncond + s * (cond - uncond) on the first 3 channels,
+    # the rest (the learned variance) from the conditional half
     model = small_dit().eval()
-    x, t, y = cfg_inputs()
+    x, t, y = inputs()
+    cond, uncond = cond_and_uncond(model, x, t, y)
     with torch.no_grad():
-        plain = model(x, t, y)
-        guided = model.forward_with_cfg(x, t, y, cfg_scale=4.0, guided_channels=3)
-    # the reference: eps = the guided first 3 channels in both halves, the rest per half
-    cond, uncond = plain[:, :3].chunk(2)
-    half = uncond + 4.0 * (cond - uncond)
-    expected = torch.cat([torch.cat([half, half]), plain[:, 3:]], dim=1)
-    torch.testing.assert_close(guided, expected, rtol=0, atol=0)
-    assert not torch.allclose(guided[:, :3], plain[:, :3], atol=1e-3)
-
-
-def test_cfg_default_guides_all_noise_channels():
-    model = small_dit().eval()
-    x, t, y = cfg_inputs()
-    with torch.no_grad():
-        plain = model(x, t, y)
-        guided = model.forward_with_cfg(x, t, y, cfg_scale=4.0)
-    assert torch.equal(guided[:, 4:], plain[:, 4:])  # variance channels untouched
-    assert torch.equal(guided[:2, :4], guided[2:, :4])
-    assert not torch.allclose(guided[:, 3], plain[:, 3], atol=1e-3)
-
-
-def test_cfg_needs_an_even_batch():
-    model = small_dit().eval()
-    with pytest.raises(ValueError, match="even batch"):
-        model.forward_with_cfg(*inputs(batch=3), cfg_scale=2.0)
+        guided = Guidance(cfg_scale=4.0, guided_channels=guided_channels)(model, x, t, {"y": y}, 0.5)
+    c = guided_channels
+    expected = torch.cat([uncond[:, :c] + 4.0 * (cond[:, :c] - uncond[:, :c]), cond[:, c:]], dim=1)
+    torch.testing.assert_close(guided, expected, rtol=1e-5, atol=1e-5)  # one batch of 2B vs two of B: rounding
+    assert not torch.allclose(guided[:, :c], cond[:, :c], atol=1e-3)
 
 
 # ---------------------------------------------------------------- shapes and helpers
@@ -360,3 +334,24 @@ def test_token_masks_to_pixels():
     assert torch.equal(pixels[0, 0], expected)
     with pytest.raises(ValueError, match="2x3 grid"):
         token_masks_to_pixels(masks[..., :5], (2, 3), 2)
+
+
+def test_layers_equal_timms_that_the_reference_dit_trained_with():
+    """The reference DiT builds its blocks from timm's PatchEmbed, Attention and Mlp: ours load into them
+    strictly (the same parameter names) and compute the same."""
+    timm_vit = pytest.importorskip("timm.models.vision_transformer")
+    from timm.layers import Mlp as TimmMlp
+    from timm.layers import PatchEmbed as TimmPatchEmbed
+
+    from ssm_tread.models.dit import Attention, Mlp
+    from ssm_tread.models.layers import PatchEmbed
+
+    torch.manual_seed(0)
+    pairs = [(Attention(64, 4), timm_vit.Attention(64, num_heads=4, qkv_bias=True), torch.randn(2, 10, 64)),
+             (Mlp(64, 256), TimmMlp(64, 256, act_layer=lambda: torch.nn.GELU(approximate="tanh")),
+              torch.randn(2, 10, 64)),
+             (PatchEmbed(16, 2, 4, 64), TimmPatchEmbed(16, 2, 4, 64, bias=True), torch.randn(2, 4, 16, 16))]
+    for ours, theirs, x in pairs:
+        theirs.load_state_dict(ours.state_dict(), strict=True)
+        with torch.no_grad():
+            torch.testing.assert_close(ours(x), theirs(x), rtol=1e-5, atol=1e-6)

@@ -119,3 +119,18 @@ def test_real_weights():
     assert torch.allclose(probs.sum(1), torch.ones(4))
     again = extractor.features(images[::-1].copy())
     assert torch.allclose(again["pool"].flip(0), out["pool"], atol=1e-4)  # batch-independent
+
+
+def test_features_equal_torch_fidelitys_extractor(model, tmp_path):
+    """torch-fidelity's FeatureExtractorInceptionV3, an independent port of the same TF graph (its own TF1
+    resize, blocks and pools), loads our state dict strictly and gives the same features."""
+    fidelity = pytest.importorskip("torch_fidelity.feature_extractor_inceptionv3")
+    torch.save(model.state_dict(), tmp_path / "inception.pt")
+    theirs = fidelity.FeatureExtractorInceptionV3("inception-v3-compat", ["2048", "logits_unbiased"],
+                                                  feature_extractor_weights_path=str(tmp_path / "inception.pt"))
+    images = torch.randint(0, 256, (2, 3, 40, 56), dtype=torch.uint8)
+    with torch.no_grad():
+        pool, logits = theirs.eval()(images)
+    ours = InceptionFeatures(model=model, device="cpu").features(images.permute(0, 2, 3, 1).numpy())
+    torch.testing.assert_close(ours["pool"], pool, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(ours["logits"], logits, rtol=1e-5, atol=1e-5)

@@ -127,7 +127,7 @@ def test_truncated_and_missing_shards_are_named(latents, tmp_path):
     problems = verify_shards(root, progress=False)
     assert set(problems) == {"shard_00001", "shard_00002"}
     assert "truncated" in problems["shard_00001"] and "missing" in problems["shard_00002"]
-    with pytest.raises(RuntimeError, match=r"(?s)shard_00001.*shard_00002.*--verify"):
+    with pytest.raises(ValueError, match=r"(?s)shard_00001.*shard_00002.*--verify"):
         LatentShardDataset(root)
 
 

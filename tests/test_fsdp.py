@@ -15,7 +15,7 @@ from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.tensor import DTensor
 
 from ssm_tread.models import create_model
-from ssm_tread.train.checkpoint import (
+from ssm_tread.checkpoint import (
     checkpoint_path,
     load_checkpoint,
     load_weights,
@@ -37,7 +37,7 @@ def fsdp_run(run_dir, *overrides):
 
 
 def assert_same_checkpoint(a, b):
-    """Two checkpoints hold the same model, EMA, optimizer (same integer parameter ids) and scheduler."""
+    """Two checkpoints hold the same model, EMA, optimizer (same integer parameter ids, same rates) and step."""
     for key in ("model", "ema"):
         assert list(a[key]) == list(b[key]), key
         for name, value in b[key].items():
@@ -49,7 +49,7 @@ def assert_same_checkpoint(a, b):
         assert set(opt_a["state"][i]) == set(state)
         for name, value in state.items():
             torch.testing.assert_close(opt_a["state"][i][name], value, **CLOSE, msg=f"optimizer {i} {name}")
-    assert a["scheduler"] == b["scheduler"] and a["step"] == b["step"]
+    assert a["step"] == b["step"]
 
 
 def test_fsdp_dim_matches_one_process_and_checkpoints_cross_over(tmp_path, capsys):

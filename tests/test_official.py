@@ -19,7 +19,7 @@ from ssm_tread import sampling
 from ssm_tread.diffusion import GaussianDiffusion
 from ssm_tread.models import create_model, load_official
 from ssm_tread.models.official import to_official, to_ours, unwrap_state_dict
-from ssm_tread.train.checkpoint import CheckpointError
+from ssm_tread.checkpoint import CheckpointError
 from ssm_tread.train.config import load_config
 from ssm_tread.train.trainer import train
 

@@ -12,7 +12,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from ssm_tread.ops import active_backend, selective_scan, set_backend
-from ssm_tread.ops.bench import benchmark_scan, scan_table
+from tools.bench.scan import benchmark_scan, scan_table
 
 scan_module = importlib.import_module("ssm_tread.ops.selective_scan")
 INPUTS = ("u", "delta", "A", "B", "C", "D", "z", "delta_bias")
@@ -222,8 +222,8 @@ def test_forcing_unavailable_mamba_ssm_names_the_install_command(monkeypatch):
 
 
 def test_unknown_backend_lists_valid_names(monkeypatch):
-    for call in (lambda: set_backend("cuda"), lambda: selective_scan(**make_inputs(1, 2, 2, 3), backend="triton")):
-        with pytest.raises(ValueError, match="mamba_ssm, torch, reference"):
+    for call in (lambda: set_backend("cuda"), lambda: selective_scan(**make_inputs(1, 2, 2, 3), backend="cutlass")):
+        with pytest.raises(ValueError, match="mamba_ssm, triton, torch, reference"):
             call()
     monkeypatch.setenv(scan_module.ENV_VAR, "fast")
     with pytest.raises(ValueError, match="valid backends"):

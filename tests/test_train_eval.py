@@ -150,10 +150,10 @@ def test_missing_files_fail_before_training_and_say_what_to_download(tmp_path, l
     inception_path, ref_path = inception[1], reference[0]
     on = ["eval.every=2", "eval.num_samples=4"]
     cases = [
-        ([], r"needs reference statistics: download the ADM reference batch .*VIRTUAL_imagenet256_labeled.npz"),
-        ([f"eval.reference={tmp_path / 'ref.npz'}"], r"eval.reference='.*ref.npz' not found: download .*wget -O"),
+        ([], r"needs reference statistics; download the ADM reference batch .*VIRTUAL_imagenet256_labeled.npz"),
+        ([f"eval.reference={tmp_path / 'ref.npz'}"], r"eval.reference='.*ref.npz': not found; download .*wget -O"),
         ([f"eval.reference={ref_path}", f"eval.inception={tmp_path / 'inc.pth'}"],
-         r"eval.inception='.*inc.pth' not found: download .*pt_inception-2015-12-05"),
+         r"eval.inception='.*inc.pth': not found; download .*pt_inception-2015-12-05"),
         ([f"eval.reference={ref_path}", f"eval.inception={inception_path}", f"sample.vae={tmp_path / 'vae'}"],
          r"no VAE at .*download stabilityai/sd-vae-ft-ema.*sample.vae.*eval.num_samples=0"),
     ]
@@ -166,7 +166,7 @@ def test_missing_files_fail_before_training_and_say_what_to_download(tmp_path, l
     with pytest.raises(ConfigError, match="neither statistics mu/sigma nor images arr_0"):
         train(latent_run(tmp_path / "empty", latents, vae_dir, *on, f"eval.reference={tmp_path / 'empty.npz'}",
                          f"eval.inception={inception_path}"))
-    with pytest.raises(ConfigError, match="eval.every=2 needs the number of samples per evaluation"):
+    with pytest.raises(ConfigError, match="eval.every=2: needs the number of samples per evaluation"):
         train(tiny(tmp_path / "digits", "eval.every=2"))
 
 

@@ -14,24 +14,29 @@
     # where the time goes: operator self time of one step per mode (torch.profiler)
     python tools/benchmark.py profile --configs zigma-s2 --threads 1 --out docs/results/bench_profile_cpu
 
-    # the digits convergence study (resumable; several workers share the runs), then its table and plots
-    python tools/benchmark.py study configs/study_digits.py --out docs/results/study --workers 2
-    python tools/benchmark.py study configs/study_digits.py --out docs/results/study --report-only
+    # the digits convergence study: one tools/train.py run per backbone x mode x seed (resumable), then
+    # its table and plots from the runs' metrics
+    python tools/benchmark.py study configs/study_digits.py --workers 2
+    python tools/benchmark.py study configs/study_digits.py --seeds 0 --backbones DiM
+    python tools/benchmark.py study configs/study_digits.py --report-only
+
+    # compile every Triton kernel for sm_90 (no GPU needed): registers, spills, shared memory per config
+    python tools/benchmark.py kernels --arch 90 --json docs/results/kernels_sm90.json
 
 A step config is a preset (dit-b2, zigma-s2, dim-s2, dit-tiny, zigma-tiny, dim-tiny) or key=value pairs:
 model=NAME (create_model), batch=N, route=START:END:RATIO (";" between routes; default 2 -> depth-4 at 0.5),
-objective=ddpm|flow, precision=fp32|bf16, label=TEXT, and any model override (hidden_size=384, depth=25, ...).
+objective=ddpm|flow, precision=fp32|bf16, label=TEXT, and any model override (hidden_size=384, depth=25, ...);
+see tools/bench/specs.py. The rest of the trainer config (optimizer, EMA) is configs/base.py's.
 """
 
 import argparse
 import os
-import shlex
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from ssm_tread.ops import BACKENDS  # noqa: E402
-from ssm_tread.ops.bench import benchmark_scan, scan_table  # noqa: E402
+from tools.bench.scan import benchmark_scan, scan_table  # noqa: E402
 
 
 def scan(args):
@@ -43,10 +48,6 @@ def scan(args):
     print(scan_table(times))
 
 
-def _command() -> str:
-    return "python tools/benchmark.py " + " ".join(shlex.quote(a) for a in sys.argv[1:])
-
-
 def _setup_threads(args):
     import torch
 
@@ -55,30 +56,31 @@ def _setup_threads(args):
 
 
 def _configs(args):
-    from ssm_tread.benchmark import parse_config
+    from tools.bench.specs import parse_spec
 
-    configs = [parse_config(spec) for spec in args.configs]
-    if args.batch:
-        for config in configs:
-            config.batch_size = args.batch
-    if args.precision:
-        for config in configs:
-            config.precision = args.precision
+    configs = [parse_spec(spec) for spec in args.configs]
+    for cfg in configs:
+        if args.batch:
+            cfg["train"]["batch_size"] = args.batch
+        if args.precision:
+            cfg["train"]["precision"] = args.precision
     return configs
 
 
 def step(args):
     import torch
 
-    from ssm_tread import benchmark as bench
+    from tools.bench.env import environment, measure_matmul_tflops
+    from tools.bench.report import markdown_table, write_outputs
+    from tools.bench.router import router_overhead
+    from tools.bench.step import benchmark_step, build_step
 
     _setup_threads(args)
     device = torch.device(args.device)
-    peak = None
-    meta = bench.environment(device)
-    peak_cpu = None
+    peak = peak_cpu = None
+    meta = environment(device)
     if args.peak_tflops == "measure":
-        rates = bench.measure_matmul_tflops(device, dtype=torch.bfloat16 if args.precision == "bf16" else torch.float32)
+        rates = measure_matmul_tflops(device, dtype=torch.bfloat16 if args.precision == "bf16" else torch.float32)
         peak, peak_cpu = rates["wall"], rates["cpu"]
         meta["peak_source"] = "measured: best dense matmul (2048^3) on this device with these threads"
         print(f"device peak for MFU: {peak:.4f} TFLOP/s wall-clock"
@@ -86,107 +88,97 @@ def step(args):
     elif args.peak_tflops:
         peak = float(args.peak_tflops)
         meta["peak_source"] = "given on the command line"
-    meta.update(command=_command(), peak_tflops=peak, peak_tflops_cpu=peak_cpu or peak)
+    meta.update(peak_tflops=peak, peak_tflops_cpu=peak_cpu or peak)
     results = []
-
-    def save(result):
+    for cfg in _configs(args):
+        result = benchmark_step(cfg, device, warmup=args.warmup, repeats=args.repeats, peak_tflops=peak, log=print,
+                                peak_tflops_cpu=peak_cpu)
+        if not args.no_router:
+            result["router"] = router_overhead(build_step(cfg, device), result["tread"]["step_time_s"]["median"],
+                                               repeats=args.router_repeats,
+                                               routed_step_cpu_s=result["tread"]["cpu_time_s"]["median"])
+            print(f"  router overhead {100 * result['router']['overhead_share']:.2f}% of the routed step "
+                  f"(cpu time {100 * result['router'].get('overhead_share_cpu', float('nan')):.2f}%)")
         results.append(result)
         if args.out:
-            bench.write_outputs(results, meta, args.out, args.plot)
-
-    bench.run_step_benchmarks(_configs(args), device, warmup=args.warmup, repeats=args.repeats, peak_tflops=peak,
-                              router=not args.no_router, router_repeats=args.router_repeats, on_result=save,
-                              peak_tflops_cpu=peak_cpu)
+            write_outputs(results, meta, args.out, args.plot)
     print()
-    print(bench.markdown_table(results))
+    print(markdown_table(results))
     if args.out:
         print(f"wrote {args.out}.json, {args.out}.md" + (f", {args.plot}" if args.plot else ""))
 
 
-def _write_report(out, title, device, results, text):
-    """OUT.json (the environment, this command and every result) and OUT.md (a header and ``text``)."""
-    import json
-    from pathlib import Path
+def _report(args, title, device, results, text):
+    from tools.bench.env import environment, write_report
 
-    from ssm_tread.benchmark import environment
-
-    meta = {**environment(device), "command": _command()}
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.with_suffix(".json").write_text(json.dumps({"meta": meta, "results": results}, indent=2) + "\n")
-    out.with_suffix(".md").write_text(f"{title}, {meta['date']}, {meta['device_name']}\n\n"
-                                      f"Command: `{meta['command']}`\n\n" + text)
-    print(f"wrote {out.with_suffix('.json')}, {out.with_suffix('.md')}")
+    print(text)
+    if args.out:
+        paths = write_report(args.out, title, environment(device), results, text)
+        print(f"wrote {paths['json']}, {paths['md']}")
 
 
 def router(args):
     import torch
 
-    from ssm_tread import benchmark as bench
+    from tools.bench.router import benchmark_router, router_table
 
     _setup_threads(args)
     device = torch.device(args.device)
-    results = [bench.benchmark_router(config, device, steps=args.steps, repeats=args.repeats, log=print)
-               for config in _configs(args)]
-    table = bench.router_table(results)
-    print()
-    print(table)
-    if args.out:
-        _write_report(args.out, "Router overhead", device, results, table)
+    results = [benchmark_router(cfg, device, steps=args.steps, repeats=args.repeats, log=print)
+               for cfg in _configs(args)]
+    _report(args, "Router overhead", device, results, router_table(results))
 
 
 def profile(args):
     import torch
 
-    from ssm_tread import benchmark as bench
+    from tools.bench.profile import profile_step, profile_table
 
     _setup_threads(args)
     device = torch.device(args.device)
-    results = [bench.profile_step(config, device, top=args.top, rounds=args.rounds) for config in _configs(args)]
-    text = "\n".join(bench.profile_table(r) for r in results)
-    print(text)
-    if args.out:
-        _write_report(args.out, "Step profile", device, results, text)
-
-
-def _study_worker(config_path, out, meta):
-    from ssm_tread.study import load_study_config, run_study
-
-    run_study(load_study_config(config_path), out, meta=meta)
+    results = [profile_step(cfg, device, top=args.top, rounds=args.rounds) for cfg in _configs(args)]
+    _report(args, "Step profile", device, results, "\n".join(profile_table(r) for r in results))
 
 
 def study(args):
-    import multiprocessing
+    import json
     from pathlib import Path
 
     import torch
 
-    from ssm_tread import study as lib
-    from ssm_tread.benchmark import environment
+    from ssm_tread.train.config import load_config
+    from tools.bench import study_report as report
+    from tools.bench.env import environment
+    from tools.bench.study import grid, run_study
 
-    config = lib.load_study_config(args.config)
-    meta = {**environment(torch.device("cpu")), "command": _command(), "config_file": args.config}
-    if not args.report_only:
-        workers = [multiprocessing.Process(target=_study_worker, args=(args.config, args.out, meta))
-                   for _ in range(args.workers - 1)]
-        for worker in workers:
-            worker.start()
-        _study_worker(args.config, args.out, meta)
-        for worker in workers:
-            worker.join()
-    data = lib.merge_runs(args.out, config, meta)
-    expected = len(lib.run_order(config))
-    print(f"{len(data['runs'])} of {expected} runs in {Path(args.out) / 'study.json'}")
+    meta = {**environment(torch.device("cpu")), "config_file": args.config}
+    if args.report_only:
+        args.seeds = []
+    data = run_study(args.config, args.runs or f"runs/{Path(args.config).stem}", args.workers, args.backbones,
+                     args.modes, args.seeds, meta)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "study.json").write_text(json.dumps(data, indent=1) + "\n")
+    print(f"{len(data['runs'])} of {len(grid(load_config(args.config)))} runs in {out / 'study.json'}")
     if not data["runs"]:
         return
-    table = lib.markdown_table(data)
-    (Path(args.out) / "study.md").write_text(f"Digits convergence study, {meta['date']}\n\n"
-                                             f"Command: `{meta['command']}`\n\n" + table)
+    table = report.markdown_table(data)
+    (out / "study.md").write_text(f"Digits convergence study, {meta['date']}\n\nCommand: `{meta['command']}`\n\n"
+                                  + table)
     print(table)
-    prefix = args.plot_prefix
     for x, name in (("step", "steps"), ("train_wall_s", "wallclock"), ("train_cpu_s", "cputime")):
-        lib.plot_study(data, f"{prefix}_{name}.png", x=x)
-    print(f"wrote {Path(args.out) / 'study.md'}, {prefix}_{{steps,wallclock,cputime}}.png")
+        report.plot_study(data, f"{args.plot_prefix}_{name}.png", x=x)
+    print(f"wrote {out / 'study.md'}, {args.plot_prefix}_{{steps,wallclock,cputime}}.png")
+
+
+def kernels(args):
+    from tools.bench.kernels import compile_kernels, kernel_table, write_json
+
+    results = compile_kernels(args.arch)
+    print(kernel_table(results, args.arch))
+    if args.json:
+        write_json(results, args.json)
+        print(f"wrote {args.json}")
 
 
 def main(argv=None):
@@ -236,13 +228,23 @@ def main(argv=None):
     s.add_argument("--out", default=None, help="output prefix: writes PREFIX.json and PREFIX.md")
     s.set_defaults(run=profile)
 
-    s = sub.add_parser("study", help="the digits convergence study: run (resumable), then table and plots")
-    s.add_argument("config", help="a study config file (defines study = dict(...)), e.g. configs/study_digits.py")
-    s.add_argument("--out", default="docs/results/study", help="directory for runs/*.json, study.json, study.md")
-    s.add_argument("--workers", type=int, default=1, help="processes sharing the runs")
-    s.add_argument("--report-only", action="store_true", help="only merge the finished runs, write table and plots")
+    s = sub.add_parser("study", help="the digits convergence study: train its runs (resumable), then table and plots")
+    s.add_argument("config", help="a study config file (a trainer config with study = dict(...)), "
+                                  "e.g. configs/study_digits.py")
+    s.add_argument("--runs", default=None, help="run directories go here (default: runs/<config name>)")
+    s.add_argument("--out", default="docs/results/study", help="directory for study.json and study.md")
+    s.add_argument("--workers", type=int, default=1, help="training runs at a time")
+    s.add_argument("--backbones", nargs="+", help="train only these backbones (default: all)")
+    s.add_argument("--modes", nargs="+", help="train only these modes: none, scan, naive (default: all)")
+    s.add_argument("--seeds", nargs="+", type=int, help="train only these seeds (default: all)")
+    s.add_argument("--report-only", action="store_true", help="train nothing: tables and plots of the finished runs")
     s.add_argument("--plot-prefix", default="docs/figures/study_digits")
     s.set_defaults(run=study)
+
+    s = sub.add_parser("kernels", help="compile every Triton kernel for a GPU architecture: registers and spills")
+    s.add_argument("--arch", type=int, choices=[80, 90], required=True, help="compute capability: 80 (A100), 90 (H100)")
+    s.add_argument("--json", default=None, help="also write the results as a JSON list")
+    s.set_defaults(run=kernels)
     args = p.parse_args(argv)
     args.run(args)
 

@@ -23,10 +23,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
 
+from tools.cli import ArgumentParser, fail, run_tool  # noqa: E402
+from ssm_tread.checkpoint import save_checkpoint  # noqa: E402
 from ssm_tread.models import load_official  # noqa: E402
 from ssm_tread.models.official import check_arch, infer_kwargs  # noqa: E402
-from ssm_tread.train.checkpoint import save_checkpoint  # noqa: E402
-from ssm_tread.train.config import ConfigError, load_config  # noqa: E402
+from ssm_tread.train.config import load_config  # noqa: E402
 
 CONFIGS = {"DiM": "configs/dim_l.py", "ZigMa": "configs/zigma_b2.py"}
 # the settings every run of our trainer fills from its data and config; the rest go to model.kwargs
@@ -61,7 +62,7 @@ def convert(arch: str, source: str, out: str, config_path: str | None = None, ov
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--arch", required=True, type=str.lower, choices=["dim", "zigma"])
     parser.add_argument("input", help="official checkpoint (.pth / .pt / .ckpt)")
     parser.add_argument("output", help="converted checkpoint, e.g. runs/dim_h_official/checkpoints/step-0000000.pt")
@@ -72,20 +73,17 @@ def main():
     parser.add_argument("overrides", nargs="*", help="config overrides, e.g. sample.cfg_scale=1.5")
     args = parser.parse_intermixed_args()
     if not Path(args.input).is_file():
-        sys.exit(f"error: {args.input} not found; pass the official checkpoint file")
+        fail(f"{args.input} not found; pass the official checkpoint file")
     model_overrides = {}
     for item in args.set:
         key, _, value = item.partition("=")
         try:
             model_overrides[key] = ast.literal_eval(value)
         except (ValueError, SyntaxError):
-            sys.exit(f"error: --set {item!r} is not KEY=VALUE with a Python literal value (e.g. input_size=32)")
-    try:
-        path = convert(args.arch, args.input, args.output, args.config, args.overrides, model_overrides)
-    except (ConfigError, ValueError) as e:
-        sys.exit(f"error: {e}")
+            fail(f"--set {item!r} is not KEY=VALUE with a Python literal value (e.g. input_size=32)")
+    path = convert(args.arch, args.input, args.output, args.config, args.overrides, model_overrides)
     print(f"wrote {path}")
 
 
 if __name__ == "__main__":
-    main()
+    run_tool(main, expected=(ValueError,))

@@ -5,25 +5,26 @@
     torchrun --nproc_per_node=8 tools/extract_latents.py --data ... --out ... --vae ...   # several GPUs
     python tools/extract_latents.py --verify --out data/imagenet256_latents
 """
-import argparse
 import json
+import argparse
 import os
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from tools.cli import ArgumentParser, fail, positive_int, run_tool  # noqa: E402
 from ssm_tread.data.extract import extract_latents  # noqa: E402
 from ssm_tread.data.latents import latent_statistics, verify_shards  # noqa: E402
 
 
 def main():
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data", help="ImageFolder root: DATA/<class>/<image>")
     p.add_argument("--out", required=True, help="latent directory (index.json + shards)")
     p.add_argument("--vae", default="checkpoints/sd-vae-ft-ema", help="local diffusers AutoencoderKL directory")
-    p.add_argument("--image-size", type=int, default=256)
-    p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--shard-size", type=int, default=10000, help="images per shard")
+    p.add_argument("--image-size", type=positive_int, default=256)
+    p.add_argument("--batch-size", type=positive_int, default=32)
+    p.add_argument("--shard-size", type=positive_int, default=10000, help="images per shard")
     p.add_argument("--workers", type=int, default=4, help="DataLoader workers for image decoding")
     p.add_argument("--device", default=None, help="default: cuda:LOCAL_RANK if available, else cpu")
     p.add_argument("--verify", action="store_true", help="check every shard (exists, shapes, finite, checksums)")
@@ -34,8 +35,8 @@ def main():
         for name, problem in problems.items():
             print(f"BAD {name}: {problem}")
         if problems:
-            sys.exit(f"{len(problems)} bad shard(s) in {args.out}; re-run the extraction to rewrite missing ones "
-                     f"(delete a corrupt shard's .json first)")
+            fail(f"{len(problems)} bad shard(s) in {args.out}; re-run the extraction to rewrite missing ones "
+                 f"(delete a corrupt shard's .json first)")
         print(json.dumps(latent_statistics(args.out)))
         print(f"all shards in {args.out} verified")
         return
@@ -56,4 +57,5 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    run_tool(main, interrupted="finished shards are kept; run the same command again to continue",
+             expected=(FileNotFoundError, ValueError))

@@ -17,21 +17,20 @@ from pathlib import Path
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from ssm_tread.sampling import sample_grid_file, sample_npz_file
-from ssm_tread.train.checkpoint import CheckpointError
+from tools.cli import ArgumentParser, positive_int, run_tool
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("checkpoint", help="checkpoint file or run directory")
     parser.add_argument("--out", required=True, help="output .png (grid) or .npz (--num-images)")
     parser.add_argument("--classes", type=int, nargs="+", help="grid: one row per class")
-    parser.add_argument("--per-class", type=int, default=8, help="grid: samples per class")
-    parser.add_argument("--num-images", type=int, help="npz: number of images")
+    parser.add_argument("--per-class", type=positive_int, default=8, help="grid: samples per class")
+    parser.add_argument("--num-images", type=positive_int, help="npz: number of images")
     parser.add_argument("--labels", choices=["random", "balanced"], default="random", help="npz: label draw")
     parser.add_argument("--raw", action="store_true", help="sample with the raw weights instead of the EMA")
     parser.add_argument("--sampler", help="ddpm/ddim (ddpm objective) or euler/heun/euler_maruyama (flow)")
-    parser.add_argument("--steps", type=int, help="number of sampling steps")
+    parser.add_argument("--steps", type=positive_int, help="number of sampling steps")
     parser.add_argument("--cfg-scale", type=float, help="classifier-free guidance scale (1: none)")
     parser.add_argument("--interval", type=float, nargs=2, metavar=("LO", "HI"),
                         help="guide only at normalised times in [LO, HI]")
@@ -39,7 +38,7 @@ def main():
     parser.add_argument("--routing-guidance", type=float, nargs=3, metavar=("LOW", "HIGH", "SCALE"),
                         help="TREAD routing guidance: forced routing ratios LOW < HIGH and the scale")
     parser.add_argument("--seed", type=int)
-    parser.add_argument("--batch-size", type=int, help="per rank")
+    parser.add_argument("--batch-size", type=positive_int, help="per rank")
     parser.add_argument("--vae", help="local copy of stabilityai/sd-vae-ft-ema (latent models)")
     args = parser.parse_args()
     if (args.classes is None) == (args.num_images is None):
@@ -48,16 +47,16 @@ def main():
                  "interval": tuple(args.interval) if args.interval else None, "guided_channels": args.guided_channels,
                  "routing_guidance": tuple(args.routing_guidance) if args.routing_guidance else None,
                  "seed": args.seed, "batch_size": args.batch_size, "vae": args.vae}
-    try:
-        if args.classes is not None:
-            path = sample_grid_file(args.checkpoint, args.out, args.classes, args.per_class, overrides, not args.raw)
-        else:
-            path = sample_npz_file(args.checkpoint, args.out, args.num_images, args.labels, overrides, not args.raw)
-    except (CheckpointError, FileNotFoundError, ValueError) as e:
-        sys.exit(f"error: {e}")
+    from ssm_tread.sampling import sample_grid_file, sample_npz_file
+
+    if args.classes is not None:
+        path = sample_grid_file(args.checkpoint, args.out, args.classes, args.per_class, overrides, not args.raw)
+    else:
+        path = sample_npz_file(args.checkpoint, args.out, args.num_images, args.labels, overrides, not args.raw)
     if path is not None:
         print(f"wrote {path}")
 
 
 if __name__ == "__main__":
-    main()
+    run_tool(main, interrupted="finished chunks of an .npz are kept; run the same command again to continue",
+             expected=(FileNotFoundError, ValueError))

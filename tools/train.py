@@ -3,6 +3,10 @@
     python tools/train.py configs/quickstart.py
     python tools/train.py configs/dit_b2_tread.py train.steps=1000 optim.lr=2e-4
     torchrun --nproc_per_node=8 tools/train.py configs/dim_l_tread.py data.root=/data/latents --resume
+
+--resume continues the run in the run dir from its newest good checkpoint, with the run's config
+(its config.json) plus the overrides given now; the learning-rate schedule follows from that config
+and the step. A bad config fails before anything is written: one line per problem, exit code 2.
 """
 import argparse
 import os
@@ -13,23 +17,26 @@ from pathlib import Path
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from ssm_tread.train.checkpoint import CheckpointError
-from ssm_tread.train.config import ConfigError, load_config
-from ssm_tread.train.trainer import TrainingError, train
+from tools.cli import ArgumentParser, run_tool  # noqa: E402
+from ssm_tread.train.config import load_config, resume_config  # noqa: E402
+from ssm_tread.train.trainer import train  # noqa: E402
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("config", help="a config file, e.g. configs/quickstart.py")
     parser.add_argument("overrides", nargs="*", help="group.key=value overrides, e.g. train.steps=100")
-    parser.add_argument("--resume", action="store_true", help="continue from the newest checkpoint of the run dir")
-    args = parser.parse_args()
-    try:
-        cfg = load_config(args.config, args.overrides + (["train.resume=auto"] if args.resume else []))
-        train(cfg)
-    except (ConfigError, CheckpointError, TrainingError) as e:
-        sys.exit(f"error: {e}")
+    parser.add_argument("--resume", action="store_true",
+                        help="continue the run dir's run from its newest good checkpoint (its config + these overrides)")
+    args = parser.parse_intermixed_args()  # --resume may come anywhere among the overrides
+    main_rank = int(os.environ.get("RANK", 0)) == 0
+    cfg = (resume_config(args.config, args.overrides, print if main_rank else lambda line: None) if args.resume
+           else load_config(args.config, args.overrides))
+    if "_study" in cfg and main_rank:
+        print(f"{args.config} is a study: this trains its own config, one run of its grid; the whole grid: "
+              f"python tools/benchmark.py study {args.config}")
+    train(cfg)
 
 
 if __name__ == "__main__":
-    main()
+    run_tool(main, interrupted="the run dir keeps its checkpoints; continue with --resume")

@@ -1,4 +1,4 @@
-"""Datasets: the sklearn digits (1x16x16) and pre-extracted VAE latent shards (4x32x32 for ImageNet-256)."""
+"""Datasets: the handwritten digits (1x16x16, bundled) and pre-extracted VAE latent shards (4x32x32 for ImageNet-256)."""
 from .digits import DigitsDataset, load_digits_tensors
 from .latents import SCALE_FACTOR, LatentShardDataset, latent_statistics, verify_shards
 from .transforms import adm_center_crop

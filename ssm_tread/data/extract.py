@@ -11,12 +11,12 @@ import numpy as np
 import torch
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset
-from torchvision.datasets.folder import IMG_EXTENSIONS
 
 from .latents import FORMAT, SCALE_FACTOR, index_path, latent_statistics, read_json, shard_problem, \
     write_json, write_shard
 from .transforms import adm_center_crop
 
+IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")  # torchvision's ImageFolder's
 VAE_HINT = ("download the Stable Diffusion VAE once, e.g.\n"
             "  huggingface-cli download stabilityai/sd-vae-ft-ema --local-dir {path}\n"
             "(a directory with config.json and diffusion_pytorch_model.safetensors)")

@@ -5,12 +5,15 @@ A latent directory (written by tools/extract_latents.py) holds
     index.json              the plan: settings, classes, and every shard's name, start and count
     shard_00000.moments.npy float16 [n, 2, 2, C, h, w]: (image, its horizontal flip) x (posterior mean, std)
     shard_00000.labels.npy  int64 [n]
-    shard_00000.json        the shard's record, written last: shapes, byte sizes, sha256 checksums, and
+    shard_00000.json        the shard's record, written last: shapes, byte sizes, sha256 checksums (of every
+                            byte, and of a sample: the header and blocks spread over the file), and
                             per-channel sums for the latent statistics
     stats.json              per-channel mean/std of the scaled latents, once every shard is done
 
 Every file is written atomically (temporary file + rename), so a shard is finished exactly when its record
-exists and its arrays have the recorded sizes.
+exists and its arrays have the recorded sizes. A run opening the shards checks them as ``verify`` says:
+"none" the sizes, "sample" (default) also the sampled checksum (a few hundred KiB read per shard), "full"
+everything ``--verify`` checks (every byte); a bad shard fails the run at once, named.
 """
 import bisect
 import hashlib
@@ -22,8 +25,27 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from ssm_tread.errors import UserError
+
 FORMAT = "ssm_tread-latents-v1"
 SCALE_FACTOR = 0.18215  # Stable Diffusion's latent scale
+SAMPLE_BLOCK, SAMPLE_BLOCKS = 4096, 64  # the sampled checksum reads the header and 64 blocks of 4 KiB
+VERIFY_MODES = ("none", "sample", "full")
+
+
+class LatentShardError(UserError, ValueError):
+    """Latent shards that are missing, truncated or corrupt; the message names them and the fix."""
+
+
+def sample_sha256(f, size):
+    """sha256 of the first block of a file object (the .npy header), ``SAMPLE_BLOCKS`` blocks evenly spread
+    over the rest and the last block, and the size: a cheap check that catches rewritten or shuffled data."""
+    h = hashlib.sha256(str(size).encode())
+    last = max(size - SAMPLE_BLOCK, 0)
+    for offset in sorted({0, last, *(last * (i + 1) // (SAMPLE_BLOCKS + 1) for i in range(SAMPLE_BLOCKS))}):
+        f.seek(offset)
+        h.update(f.read(SAMPLE_BLOCK))
+    return h.hexdigest()
 
 
 def index_path(root):
@@ -64,7 +86,7 @@ def save_array(root, name, kind, array):
     data = buf.getvalue()
     write_atomic(array_path(root, name, kind), data)
     return {"shape": list(array.shape), "dtype": str(array.dtype), "bytes": len(data),
-            "sha256": hashlib.sha256(data).hexdigest()}
+            "sha256": hashlib.sha256(data).hexdigest(), "sample_sha256": sample_sha256(io.BytesIO(data), len(data))}
 
 
 def write_shard(root, name, moments, labels):
@@ -98,6 +120,21 @@ def shard_problem(root, shard):
             return f"{os.path.basename(path)} missing"
         if os.path.getsize(path) != entry["bytes"]:
             return f"{os.path.basename(path)} has {os.path.getsize(path)} bytes, expected {entry['bytes']} (truncated?)"
+    return None
+
+
+def sampled_problem(root, shard):
+    """The sizes (:func:`shard_problem`), then the sampled checksum of each array (records written before it
+    had one pass on their sizes)."""
+    problem = shard_problem(root, shard)
+    if problem:
+        return problem
+    for kind, entry in read_json(record_path(root, shard["name"]))["arrays"].items():
+        path = array_path(root, shard["name"], kind)
+        if "sample_sha256" in entry:
+            with open(path, "rb") as f:
+                if sample_sha256(f, entry["bytes"]) != entry["sample_sha256"]:
+                    return f"{os.path.basename(path)}: sampled bytes do not match its checksum (corrupt)"
     return None
 
 
@@ -142,7 +179,8 @@ def read_index(root):
             f"--out {root} --vae /path/to/sd-vae-ft-ema\n(under torchrun for several GPUs).")
     index = read_json(index_path(root))
     if index.get("format") != FORMAT:
-        raise ValueError(f"{index_path(root)} is not a {FORMAT} index (format={index.get('format')!r})")
+        raise LatentShardError(f"{index_path(root)} is not a {FORMAT} index (format={index.get('format')!r}); "
+                               f"point data.root at the --out folder of tools/extract_latents.py")
     return index
 
 
@@ -186,19 +224,24 @@ class LatentShardDataset(Dataset):
 
     Each item picks the image or its flip with p=0.5 (flip=True) and draws a fresh posterior sample
     mean + std * eps (sample=True; else the mean), times scale_factor. Randomness comes from torch's global
-    generator (DataLoader workers get distinct seeds).
+    generator (DataLoader workers get distinct seeds). Opening checks the shards as ``verify`` says ("none",
+    "sample", "full"; see the module) and raises :class:`LatentShardError` naming every bad one; ``progress``:
+    a bar over the shards for "full".
     """
 
-    def __init__(self, root, flip=True, sample=True, scale_factor=SCALE_FACTOR):
+    def __init__(self, root, flip=True, sample=True, scale_factor=SCALE_FACTOR, verify="sample", progress=True):
         self.root, self.flip, self.sample, self.scale_factor = root, flip, sample, scale_factor
         index = read_index(root)
-        problems = {s["name"]: p for s in index["shards"] if (p := shard_problem(root, s))}
+        check = {"none": shard_problem, "sample": sampled_problem,
+                 "full": lambda root, shard: check_shard(root, shard, index)}[verify]
+        from tqdm import tqdm
+        shards = tqdm(index["shards"], desc="verify shards", unit="shard", disable=verify != "full" or not progress)
+        problems = {s["name"]: p for s in shards if (p := check(root, s))}
         if problems:
-            listing = "\n".join(f"  {name}: {p}" for name, p in problems.items())
-            raise RuntimeError(
-                f"{len(problems)} latent shard(s) in {root} are missing or corrupt:\n{listing}\n"
-                f"Run `python tools/extract_latents.py --verify --out {root}` to check every shard, then re-run "
-                f"the extraction (it rewrites only unfinished shards; delete a corrupt shard's .json first).")
+            listing = "\n".join(f"latent shard {name} in {root}: {p}" for name, p in problems.items())
+            raise LatentShardError(
+                f"{listing}\nfix: delete the bad shards' .json records and re-run tools/extract_latents.py "
+                f"(it rewrites only those), or check every shard with --verify --out {root}")
         self.shards = index["shards"]
         self.starts = [s["start"] for s in self.shards]
         self.num_images = index["num_images"]

@@ -7,9 +7,10 @@ original timestep 0..999 (0 = clean).
 ``create_diffusion("flow", ...)`` -> :class:`FlowMatching` (SiT's linear interpolant, t = 1 is data,
 velocity target). The model receives ``time_scale * t``, by default 1000 * t (1000 = clean).
 
-Both offer ``training_losses(model, x0, model_kwargs, loss_type="full"|"routed", noise=None, t=None,
-generator=None) -> dict`` with "loss" [B], ``sample(model, noise, model_kwargs, sampler=None, steps=None,
-guidance=None, progress=False, generator=None) -> x0``, ``samplers`` and ``default_sampler``.
+Both offer ``sample_time(x0, generator=None)`` (training times t [B]), ``training_losses(model, x0,
+model_kwargs, loss_type="full"|"routed", noise=None, t=None, generator=None) -> dict`` with "loss" [B],
+``sample(model, noise, model_kwargs, sampler=None, steps=None, guidance=None, progress=False,
+generator=None) -> x0``, ``samplers`` and ``default_sampler``.
 """
 
 from ssm_tread.diffusion.common import LOSS_TYPES, check_choice, reduce_loss

@@ -217,16 +217,20 @@ class GaussianDiffusion:
         first = (t == 0).view(-1, *([1] * (x0.dim() - 1)))
         return torch.where(first, nll, kl) / math.log(2.0)
 
+    def sample_time(self, x0: torch.Tensor, generator=None) -> torch.Tensor:
+        """Training step indices t [B], uniform over 0..T-1."""
+        return randint(self.num_timesteps, x0.shape[0], generator, x0.device)
+
     def training_losses(
         self, model, x0, model_kwargs=None, loss_type="full", noise=None, t=None, generator=None
     ) -> dict:
         """Per-sample losses [B]: "mse" (eps), "vb" (learned-sigma models only) and their sum "loss".
 
-        t: step indices [B] (default uniform over 0..T-1); vb is scaled by T / 1000 as in ADM (1 for T = 1000).
+        t: step indices [B] (default :meth:`sample_time`); vb is scaled by T / 1000 as in ADM (1 for T = 1000).
         """
-        batch, channels = x0.shape[:2]
+        channels = x0.shape[1]
         if t is None:
-            t = randint(self.num_timesteps, batch, generator, x0.device)
+            t = self.sample_time(x0, generator)
         if noise is None:
             noise = randn(x0.shape, generator, x0)
         x_t = self.q_sample(x0, t, noise)

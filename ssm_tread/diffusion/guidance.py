@@ -45,7 +45,9 @@ class Guidance:
         (label ``model.num_classes``) halves are evaluated in one batched call; needs ``model_kwargs["y"]``.
     interval: (lo, hi) in normalised time (see the module docstring); outside it all guidance is off
         and the model is called once, unguided. None: guide at every step.
-    guided_channels: guide only the first channels (3 reproduces the reference DiT); None: all.
+    guided_channels: guide only the first channels (3 reproduces the reference DiT); None: the model's
+        prediction channels, ``model.in_channels`` of a learned-sigma model (its variance channels then
+        come from the conditional half, as in the reference DiT), else all.
     routing: RoutingGuidance or (low, high, scale), 0 <= low < high < 1: evaluate with
         ``model.router.forced(ratio=low)`` and ``forced(ratio=high)`` and extrapolate towards the less
         routed output. Combined with cfg_scale, each of the two evaluations is itself CFG-guided.
@@ -66,6 +68,12 @@ class Guidance:
             if not 0.0 <= self.routing.low < self.routing.high < 1.0:
                 raise ValueError(f"routing guidance {self.routing} needs 0 <= low < high < 1")
 
+    def channels(self, model) -> int | None:
+        """How many leading output channels are guided (None: all)."""
+        if self.guided_channels is None and getattr(model, "learn_sigma", False):
+            return model.in_channels
+        return self.guided_channels
+
     def active(self, time: float) -> bool:
         return self.interval is None or self.interval[0] <= time <= self.interval[1]
 
@@ -79,7 +87,7 @@ class Guidance:
             out_low = self._cfg(model, x, t, model_kwargs)
         with model.router.forced(ratio=high):
             out_high = self._cfg(model, x, t, model_kwargs)
-        return cfg_combine(out_low, out_high, scale, self.guided_channels)
+        return cfg_combine(out_low, out_high, scale, self.channels(model))
 
     def _cfg(self, model, x: torch.Tensor, t: torch.Tensor, model_kwargs: dict) -> torch.Tensor:
         if self.cfg_scale == 1.0:
@@ -90,4 +98,4 @@ class Guidance:
         both = {k: torch.cat([v, v]) for k, v in model_kwargs.items()}  # [2B, ...]
         both["y"] = torch.cat([y, torch.full_like(y, model.num_classes)])
         cond, uncond = model(torch.cat([x, x]), torch.cat([t, t]), **both).chunk(2)
-        return cfg_combine(cond, uncond, self.cfg_scale, self.guided_channels)
+        return cfg_combine(cond, uncond, self.cfg_scale, self.channels(model))

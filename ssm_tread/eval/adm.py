@@ -89,7 +89,11 @@ def reference_statistics(path, keys):
 def evaluate_npz(samples_path, reference_path, inception_path=DEFAULT_INCEPTION_PATH, batch_size=100,
                  device=None, extractor=None, progress=True):
     """The ADM suite: Inception Score (10 splits), FID, sFID, precision and recall (k=3). Returns a dict."""
-    samples = NpzImages(samples_path).require()
+    samples = NpzImages(samples_path)
+    if {"mu", "sigma"} <= set(samples.keys):
+        raise ValueError(f"{samples_path} stores mu/sigma: it is a reference batch, given where the samples go. "
+                         f"The order is SAMPLES REFERENCE (ADM's evaluator.py takes REFERENCE SAMPLES): swap the two")
+    samples.require()
     reference = NpzImages(reference_path)
     stored = reference_statistics(reference_path, ["mu", "sigma"])
     stored_s = reference_statistics(reference_path, ["mu_s", "sigma_s"])
@@ -126,7 +130,10 @@ def evaluate_npz(samples_path, reference_path, inception_path=DEFAULT_INCEPTION_
 def summary_line(results):
     """One line: 'FID 2.27 | sFID 4.60 | IS 278.24 | precision 0.8280 | recall 0.5790 | 50000 samples'."""
     def fmt(value, spec):
-        return "n/a" if value is None else format(value, spec)
+        if value is None:
+            return "n/a"
+        text = format(value, spec)
+        return text[1:] if text.startswith("-") and float(text) == 0 else text  # rounding noise: "-0.00" -> "0.00"
     return (f"FID {fmt(results['fid'], '.2f')} | sFID {fmt(results['sfid'], '.2f')} | "
             f"IS {fmt(results['inception_score'], '.2f')} | precision {fmt(results['precision'], '.4f')} | "
             f"recall {fmt(results['recall'], '.4f')} | {results['num_samples']} samples vs "

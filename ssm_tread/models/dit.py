@@ -22,7 +22,6 @@ from ssm_tread.models.layers import (
     TimestepEmbedder,
     adaln_modulation,
     check_conditioning,
-    guided_forward,
     init_dit_style,
     modulate,
     route_pixel_masks,
@@ -190,20 +189,3 @@ class DiT(nn.Module):
             return block(x, c)
         with torch.autocast(device_type=device_type, enabled=False):
             return block(x.float(), c.float())
-
-    def forward_with_cfg(
-        self,
-        x: torch.Tensor,
-        t: torch.Tensor,
-        y: torch.Tensor,
-        cfg_scale: float,
-        guided_channels: int | None = None,
-    ) -> torch.Tensor:
-        """Classifier-free guidance in one batch: x, t, y are [cond half; uncond half] (the uncond
-        half's labels are the null class ``num_classes``); only the first half of x is used.
-
-        The first ``guided_channels`` output channels (default: the ``in_channels`` noise channels)
-        become ``uncond + cfg_scale * (cond - uncond)`` in both halves; the other channels keep each
-        half's own output. ``guided_channels=3`` reproduces the reference DiT.
-        """
-        return guided_forward(self, x, t, y, cfg_scale, guided_channels)

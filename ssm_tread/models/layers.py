@@ -13,7 +13,6 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from ssm_tread.diffusion.guidance import cfg_combine
 from ssm_tread.routing import RoutingPass
 
 
@@ -194,32 +193,6 @@ def check_conditioning(x: torch.Tensor, t: torch.Tensor, y: torch.Tensor) -> Non
             f"expected t and y of shape [{batch}] for a batch of {batch}, "
             f"got t {list(t.shape)} and y {list(y.shape)}"
         )
-
-
-def guided_forward(
-    model: nn.Module,
-    x: torch.Tensor,
-    t: torch.Tensor,
-    y: torch.Tensor,
-    cfg_scale: float,
-    guided_channels: int | None = None,
-) -> torch.Tensor:
-    """Classifier-free guidance in one batch: x, t, y are [cond half; uncond half] (the uncond half's
-    labels are the null class ``model.num_classes``); only the first half of x is used.
-
-    The first ``guided_channels`` output channels (default: the ``in_channels`` prediction channels)
-    become ``uncond + cfg_scale * (cond - uncond)`` in both halves; the other channels (the learned
-    variance) keep each half's own output. ``guided_channels=3`` reproduces the reference DiT.
-    """
-    if x.shape[0] % 2:
-        raise ValueError(f"forward_with_cfg needs an even batch [cond; uncond], got batch {x.shape[0]}")
-    channels = model.in_channels if guided_channels is None else guided_channels
-    half = x[: x.shape[0] // 2]
-    out = model(torch.cat([half, half], dim=0), t, y)  # [B, out_channels, H, W]
-    cond_out, uncond_out = out.chunk(2, dim=0)
-    cond_guided = cfg_combine(cond_out, uncond_out, cfg_scale, channels)
-    uncond_guided = torch.cat([cond_guided[:, :channels], uncond_out[:, channels:]], dim=1)
-    return torch.cat([cond_guided, uncond_guided], dim=0)
 
 
 def init_dit_style(model: nn.Module) -> None:

@@ -5,8 +5,11 @@ Per channel e and state n (A [E, N], dt = delta, optionally + delta_bias and sof
     h_t = exp(dt_t * A) * h_{t-1} + dt_t * B_t * u_t        h [batch, E, N], h_{-1} = 0
     y_t = <C_t, h_t> + D * u_t,   then y * silu(z) when z is given
 
-Backends: ``mamba_ssm`` (the CUDA kernel, when importable and the tensors are on CUDA), ``torch``
-(pure PyTorch with a hand-written backward, CPU and GPU) and ``reference`` (a plain loop over L).
+Backends: ``mamba_ssm`` (the CUDA kernel, when importable and the tensors are on CUDA), ``triton``
+(Triton kernels, :mod:`ssm_tread.ops.triton_scan`: CUDA tensors, or CPU ones under
+``TRITON_INTERPRET=1``), ``torch`` (pure PyTorch with a hand-written backward, CPU and GPU) and
+``reference`` (a plain loop over L). On CUDA the automatic choice is the first of mamba_ssm, triton
+and torch that imports; elsewhere it is torch.
 """
 
 from __future__ import annotations
@@ -22,9 +25,11 @@ import torch
 import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
 
+from ssm_tread.ops.triton_scan import interpreted, selective_scan_triton, triton_available
+
 logger = logging.getLogger("ssm_tread.ops")
 
-BACKENDS = ("mamba_ssm", "torch", "reference")
+BACKENDS = ("mamba_ssm", "triton", "torch", "reference")
 ENV_VAR = "SSM_TREAD_SCAN_BACKEND"
 INSTALL_HINT = "pip install -r requirements-cuda.txt --no-build-isolation"
 
@@ -59,12 +64,17 @@ def active_backend(device: torch.device | str) -> str:
     device = torch.device(device)
     name = _forced or os.environ.get(ENV_VAR) or None
     if name is None:
-        return "mamba_ssm" if device.type == "cuda" and mamba_ssm_scan_fn() is not None else "torch"
-    return _usable(name, device)
+        if device.type != "cuda":
+            return "torch"
+        if mamba_ssm_scan_fn() is not None:
+            return "mamba_ssm"
+        return "triton" if triton_available() else "torch"
+    return check_backend(name, device)
 
 
-def _usable(name: str, device: torch.device) -> str:
+def check_backend(name: str, device: torch.device | str) -> str:
     """``name`` if it can run on ``device``; a clear error otherwise."""
+    device = torch.device(device)
     _check_name(name)
     if name == "mamba_ssm":
         if mamba_ssm_scan_fn() is None:
@@ -74,6 +84,17 @@ def _usable(name: str, device: torch.device) -> str:
             )
         if device.type != "cuda":
             raise RuntimeError(f"the mamba_ssm selective-scan backend needs CUDA tensors, got device {device}")
+    if name == "triton":
+        if not triton_available():
+            raise RuntimeError(
+                "the triton selective-scan backend was requested but triton cannot be imported; "
+                "it ships with CUDA builds of torch (or: pip install triton)"
+            )
+        if device.type != "cuda" and not interpreted():
+            raise RuntimeError(
+                f"the triton selective-scan backend needs CUDA tensors, got device {device}; "
+                "set TRITON_INTERPRET=1 to run it (slowly) on CPU tensors"
+            )
     return name
 
 
@@ -110,12 +131,15 @@ def selective_scan(
 ):
     """y [batch, E, L] in u's dtype; with ``return_last_state`` also (y, h_L [batch, E, N] float32)."""
     _check_shapes(u, delta, A, B, C, D, z, delta_bias)
-    name = active_backend(u.device) if backend is None else _usable(backend, u.device)
+    name = active_backend(u.device) if backend is None else check_backend(backend, u.device)
     if (name, u.device.type) not in _logged:
         _logged.add((name, u.device.type))
         logger.info("selective scan backend on %s: %s", u.device.type, name)
     if name == "mamba_ssm":
         return mamba_ssm_scan_fn()(u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state)
+    if name == "triton":
+        y, last_state = selective_scan_triton(u, delta, A, _grouped(B), _grouped(C), D, z, delta_bias, delta_softplus)
+        return (y, last_state) if return_last_state else y
 
     dtype = u.dtype
     u, delta, A, B, C = u.float(), delta.float(), A.float(), _grouped(B).float(), _grouped(C).float()

@@ -1,7 +1,7 @@
-"""Training: plain Python configs, the training loop (DDP through accelerate), EMA and checkpoints."""
-from ssm_tread.train.checkpoint import CheckpointError, latest_checkpoint, load_checkpoint
-from ssm_tread.train.config import ConfigError, load_config
-from ssm_tread.train.trainer import TrainingError, train
+"""Training: plain Python configs (``config``), one training step (``step``), the training loop
+(``trainer.train``: DDP through accelerate, or FSDP), EMA (``ema``) and evaluation during training.
 
-__all__ = ["CheckpointError", "ConfigError", "TrainingError", "latest_checkpoint", "load_checkpoint", "load_config",
-           "train"]
+The package imports nothing on its own, so that ``ssm_tread.train.step`` can be used without the loop's
+dependencies (accelerate, scipy, tensorboard): import from the submodules, e.g.
+``from ssm_tread.train.trainer import train``.
+"""

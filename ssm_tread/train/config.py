@@ -6,6 +6,10 @@ experiment file starts with ``from base import *`` (or imports another experimen
 keys. Imports in a config file resolve against the file's own directory, then the project's configs/,
 and are re-executed on every load, so one load never sees another's edits.
 
+A study file (``configs/study_digits.py``) also defines ``study = dict(...)``: the grid of runs that
+``tools/benchmark.py study`` trains from it, each this config with a few keys changed. It reaches the
+loaded config as ``_study``; ``tools/train.py`` trains the file's own config, one run of the grid.
+
 Overrides are ``group.key=value`` strings, typed by the value they replace (``optim.lr=2e-4``,
 ``train.steps=20``, ``routing.routes=[(2,8,0.5)]``). Keys inside a dict-valued key may be set or added
 (``model.kwargs.depth=9``) and take a Python literal.
@@ -19,14 +23,20 @@ import json
 import os
 import runpy
 import sys
+import traceback
 from pathlib import Path
 
+from ssm_tread.errors import UserError
+
 GROUPS = ("model", "routing", "diffusion", "data", "optim", "train", "log", "sample", "eval")
+STUDY = "study"  # the optional grid of a study file
 DEFAULT_BASE = Path(__file__).resolve().parents[2] / "configs" / "base.py"
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError, ValueError):
     """A config that cannot be used; the message names the key and the fix."""
+
+    exit_code = 2
 
 
 def _exec_config(path: Path) -> dict:
@@ -40,6 +50,12 @@ def _exec_config(path: Path) -> dict:
     sys.path[:0] = folders
     try:
         namespace = runpy.run_path(str(path))
+    except SyntaxError as e:
+        raise ConfigError(f"{e.filename}:{e.lineno}: syntax error ({e.msg}) in a config file; fix that line") from None
+    except Exception as e:
+        frames = [f for f in traceback.extract_tb(e.__traceback__) if Path(f.filename).parent in map(Path, folders)]
+        where = f"{frames[-1].filename}:{frames[-1].lineno}" if frames else str(path)
+        raise ConfigError(f"{where}: {type(e).__name__}: {e} while running a config file; fix that line") from None
     finally:
         for folder in folders:
             sys.path.remove(folder)
@@ -53,7 +69,7 @@ def _groups(namespace: dict, path: Path) -> dict:
     public = {k: v for k, v in namespace.items() if not k.startswith("_") and not callable(v)
               and type(v).__name__ != "module"}
     for name in public:
-        if name not in GROUPS:
+        if name not in GROUPS and name != STUDY:
             hint = difflib.get_close_matches(name, GROUPS, n=1)
             raise ConfigError(f"{path}: unknown config group {name!r}"
                               + (f"; did you mean {hint[0]!r}?" if hint else f"; groups are {', '.join(GROUPS)}"))
@@ -139,12 +155,50 @@ def load_config(path: str | os.PathLike, overrides: list[str] = ()) -> dict:
         raise ConfigError(f"config file {str(path)!r} not found; pass a file such as configs/quickstart.py")
     base_path = path.parent / "base.py" if (path.parent / "base.py").is_file() else DEFAULT_BASE
     schema = _groups(_exec_config(base_path), base_path)
-    cfg = _groups(_exec_config(path), path)
+    namespace = _exec_config(path)
+    cfg = _groups(namespace, path)
     check_keys(cfg, schema)
     apply_overrides(cfg, list(overrides))
     cfg["_name"] = path.stem
     cfg["_path"] = str(path)
+    if STUDY in namespace:
+        cfg["_study"] = copy.deepcopy(namespace[STUDY])
     return cfg
+
+
+def run_dir_of(cfg: dict) -> Path:
+    return Path(cfg["train"]["run_dir"] or f"runs/{cfg['_name']}")
+
+
+def _flat(cfg: dict) -> dict:
+    return {f"{g}.{k}": v for g, values in json.loads(to_json(cfg)).items() if g in GROUPS for k, v in values.items()}
+
+
+def resume_config(path: str | os.PathLike, overrides: list[str] = (), say=print) -> dict:
+    """The config of a resumed run: the run's own (its config.json) plus ``overrides`` given now, with
+    ``train.resume=auto``. The config file only locates the run dir (with the overrides); where it now
+    differs from the run's config, the run's wins and ``say`` names the keys. Without a config.json in the
+    run dir: the config file plus ``overrides``."""
+    overrides = [*overrides, "train.resume=auto"]
+    cfg = load_config(path, overrides)
+    saved = run_dir_of(cfg) / "config.json"
+    if not saved.is_file():
+        return cfg
+    try:
+        run_cfg = json.loads(saved.read_text())
+    except ValueError as e:
+        raise ConfigError(f"{saved} is not valid JSON ({e}); restore it, or resume without it by deleting it "
+                          f"(the config file and the overrides given now then make the config)") from None
+    schema = _groups(_exec_config(DEFAULT_BASE), DEFAULT_BASE)
+    for group in GROUPS:  # keys added to the code since the run started take their defaults
+        run_cfg[group] = {**schema[group], **run_cfg.get(group, {})}
+    check_keys({g: run_cfg[g] for g in GROUPS}, schema)
+    apply_overrides(run_cfg, overrides)
+    differ = sorted(k for k, v in _flat(cfg).items() if _flat(run_cfg).get(k, v) != v)
+    if differ:
+        say(f"resuming with the run's config {saved} plus the overrides given now; {Path(path).name} differs in "
+            f"{', '.join(differ)} (ignored: give them as overrides to change them)")
+    return run_cfg
 
 
 def to_json(cfg: dict) -> str:

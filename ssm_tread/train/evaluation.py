@@ -8,7 +8,8 @@ and reference statistics computed once at the start:
   batch ``eval.reference``: its stored mu/sigma, else the statistics of its images;
 - digits: the bundled classifier's features against all 1,797 digits, plus class accuracy.
 
-The noise is fixed: chunk i of ``sample.batch_size`` samples draws from its own generator on rank
+Evaluations draw only from their own generators and restore torch's global ones (building the
+evaluator, label dropout): a run's training losses do not depend on ``eval.*``. The noise is fixed: chunk i of ``sample.batch_size`` samples draws from its own generator on rank
 i % world, so every evaluation of a run, on any number of ranks, sees the same noise and labels. The
 ranks gather their features (all_gather); rank 0 computes the metrics and logs them as ``eval/<name>``.
 """
@@ -34,7 +35,8 @@ from ssm_tread.eval.features import compute_features
 from ssm_tread.eval.inception import INCEPTION_URL
 from ssm_tread.sampling import chunk_generator, generate, to_uint8
 from ssm_tread.train.config import ConfigError
-from ssm_tread.train.trainer import gather_objects
+from ssm_tread.train.distributed import gather_objects
+from ssm_tread.train.rng import isolated_rng
 
 REFERENCE_URL = ("https://openaipublic.blob.core.windows.net/diffusion/jul-2021/ref_batches/imagenet/256/"
                  "VIRTUAL_imagenet256_labeled.npz")
@@ -44,27 +46,29 @@ def check_eval_config(cfg: dict) -> None:
     """Refuse, before anything is built, eval settings that could not run (the VAE is checked when it loads)."""
     ec = cfg["eval"]
     if ec["every"] and not ec["num_samples"]:
-        raise ConfigError(f"eval.every={ec['every']} needs the number of samples per evaluation: set "
+        raise ConfigError(f"eval.every={ec['every']}: needs the number of samples per evaluation; set "
                           f"eval.num_samples (e.g. 5000 for ImageNet, 200 for the digits)")
     if not ec["num_samples"]:
         return
     if ec["num_samples"] < 2:
-        raise ConfigError(f"eval.num_samples={ec['num_samples']}: FID needs at least 2 samples")
+        raise ConfigError(f"eval.num_samples={ec['num_samples']}: FID needs at least 2 samples; set eval.num_samples "
+                          f"to 2 or more, or 0 for no evaluation")
     if cfg["data"]["name"] != "latents":
         if ec["reference"]:
-            raise ConfigError("eval.reference is for latent models; the digits are compared with the bundled digits: "
-                              "set eval.reference=None")
+            raise ConfigError(f"eval.reference={ec['reference']!r}: is for latent models (the digits are compared "
+                              f"with the bundled digits); set eval.reference=None")
         return
     if not ec["reference"]:
-        raise ConfigError(f"evaluating a latent model needs reference statistics: download the ADM reference batch "
+        raise ConfigError(f"eval.reference=None: evaluating a latent model needs reference statistics; download the "
+                          f"ADM reference batch "
                           f"(wget -O checkpoints/VIRTUAL_imagenet256_labeled.npz {REFERENCE_URL}) and set "
                           f"eval.reference=checkpoints/VIRTUAL_imagenet256_labeled.npz, or turn evaluation off "
                           f"with eval.num_samples=0 eval.every=0")
     if not Path(ec["reference"]).is_file():
-        raise ConfigError(f"eval.reference={ec['reference']!r} not found: download the ADM reference batch there "
+        raise ConfigError(f"eval.reference={ec['reference']!r}: not found; download the ADM reference batch there "
                           f"(wget -O {ec['reference']} {REFERENCE_URL}) or point eval.reference at a local copy")
     if not Path(ec["inception"]).is_file():
-        raise ConfigError(f"eval.inception={ec['inception']!r} not found: download the FID Inception weights there "
+        raise ConfigError(f"eval.inception={ec['inception']!r}: not found; download the FID Inception weights there "
                           f"(wget -O {ec['inception']} {INCEPTION_URL}) or point eval.inception at a local copy")
 
 
@@ -75,6 +79,10 @@ class Evaluation:
 
     def __init__(self, cfg: dict, num_classes: int, shape: tuple, diffusion, device, decode=None, metrics=None,
                  rank: int = 0, world: int = 1):
+        with isolated_rng(device):
+            self._setup(cfg, num_classes, shape, diffusion, device, decode, metrics, rank, world)
+
+    def _setup(self, cfg, num_classes, shape, diffusion, device, decode, metrics, rank, world):
         ec, self.sample_cfg = cfg["eval"], cfg["sample"]
         self.shape, self.diffusion, self.device, self.decode = shape, diffusion, device, decode
         self.metrics, self.rank, self.world = metrics, rank, world
@@ -91,10 +99,6 @@ class Evaluation:
             self.extractor = InceptionFeatures(device=device, model=inception)
             self.reference = self._reference(ec["reference"]) if rank == 0 else None
         else:
-            if n // num_classes < self.sample_cfg["grid_per_class"]:
-                raise ConfigError(f"the final grid is cut from the eval samples: eval.num_samples={n} gives fewer "
-                                  f"than sample.grid_per_class={self.sample_cfg['grid_per_class']} per class; raise "
-                                  f"the one or lower the other")
             digits = DigitsEvaluator(ec["weights"], device)
             self.extractor, self.reference = digits.extractor, digits.reference
         self.step, self.result, self.images = None, None, None
@@ -124,6 +128,10 @@ class Evaluation:
     def __call__(self, model, step: int) -> dict | None:
         if step == self.step:
             return self.result
+        with isolated_rng(self.device):
+            return self._evaluate(model, step)
+
+    def _evaluate(self, model, step: int) -> dict | None:
         batch = self.sample_cfg["batch_size"]
         chunks = range(self.rank, math.ceil(len(self.labels) / batch), self.world)
         mine = []

@@ -1,50 +1,67 @@
 """The training loop: one process or many (torchrun, DDP through accelerate, or FSDP), CUDA or CPU (gloo).
 
+``train(cfg)`` validates the whole config (ssm_tread.train.validate), takes the run dir's lock
+(ssm_tread.train.runlock), then runs :func:`setup` (build or restore the model, EMA, optimizer, data stream
+and outputs into a :class:`Run`), :func:`loop` (the steps, with logging, grids, checkpoints, evaluations
+and signals) and :func:`finish` (last checkpoint, final evaluation, samples). One step is
+:class:`ssm_tread.train.step.TrainStep`, the same the step benchmark and the convergence study run.
+
 Reproducibility: the data order, the noise and the diffusion times of every step are drawn for the
 whole global batch from generators seeded the same on every rank, and each rank takes its slice, so
 they do not depend on the number of ranks. Routing selections and label dropout use per-rank
-generators. A checkpoint holds the model, the EMA, the optimizer, the scheduler, the step and the RNG
-states of every rank; the data position is the step itself. Under FSDP (``train.fsdp``, see
-ssm_tread.train.fsdp) its states are gathered in full: the same checkpoint as without it.
+generators. A checkpoint holds the model, the EMA, the optimizer, the step, the RNG states of every rank
+and the training clock; the data position is the step itself, and the learning rate a function of the
+config and the step (ssm_tread.train.step.schedule_at). Under FSDP
+(``train.fsdp``, see ssm_tread.train.fsdp) its states are gathered in full: the same checkpoint as without it.
 """
 from __future__ import annotations
 
-import json
 import math
-import resource
+import os
 import signal
-import time
 from contextlib import nullcontext
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-import torch.distributed as dist
 from torch.distributed.device_mesh import init_device_mesh
 from torch.utils.data import DataLoader
+from tqdm.auto import tqdm
 
-from ssm_tread.ops import set_backend
-from ssm_tread.train.checkpoint import (
-    CheckpointError,
+from ssm_tread.checkpoint import (
     checkpoint_path,
     latest_checkpoint,
     list_checkpoints,
     load_checkpoint,
+    load_newest_good,
     load_weights,
     prune_checkpoints,
     save_checkpoint,
 )
-from ssm_tread.train.config import ConfigError, save_config
+from ssm_tread.errors import UserError
+from ssm_tread.models import count_macs
+from ssm_tread.ops import set_backend
+from ssm_tread.sampling import generate, grid_labels, load_vae, save_grid
+from ssm_tread.train.config import ConfigError, run_dir_of, save_config
+from ssm_tread.train.distributed import gather_objects, rng_state, set_rng_state
 from ssm_tread.train.ema import EMA
+from ssm_tread.train.evaluation import Evaluation
 from ssm_tread.train.fsdp import (
     full_optimizer_state,
     full_state_dict,
+    is_sharded,
     load_optimizer_state,
     no_gradient_sync,
     shard,
 )
+from ssm_tread.train.metrics import Metrics, Window, plot_loss
+from ssm_tread.train.rng import isolated_rng
+from ssm_tread.train.runlock import RunLock
+from ssm_tread.train.step import TrainStep, build_optimizer, schedule_at
+from ssm_tread.train.validate import validate_config
 
 
-class TrainingError(RuntimeError):
+class TrainingError(UserError, RuntimeError):
     """A run that cannot go on; the message names the problem and the fix."""
 
 
@@ -53,10 +70,8 @@ def build_dataset_from(cfg: dict):
 
     data = cfg["data"]
     if data["name"] == "latents":
-        if not Path(data["root"]).is_dir():
-            raise ConfigError(f"data.root={data['root']!r} does not exist: extract the ImageNet latents there "
-                              f"(tools/extract_latents.py) or point data.root=/path/to/latents at them")
-        return build_dataset("latents", root=data["root"], **data["kwargs"])
+        return build_dataset("latents", root=data["root"], verify=data["verify"], progress=cfg["log"]["progress"],
+                             **data["kwargs"])
     return build_dataset(data["name"], **data["kwargs"])
 
 
@@ -75,20 +90,6 @@ def select_scan_backend(name: str | None) -> None:
         set_backend(name)
     except ValueError as e:
         raise ConfigError(f"model.scan_backend: {e}") from None
-
-
-def lr_factor(step: int, optim: dict, total: int) -> float:
-    """Linear warm-up to 1, then constant or cosine down to min_lr / lr."""
-    warmup = optim["warmup_steps"]
-    if step < warmup:
-        return (step + 1) / warmup
-    if optim["schedule"] == "constant":
-        return 1.0
-    if optim["schedule"] == "cosine":
-        progress = min(1.0, (step - warmup) / max(1, total - warmup))
-        floor = optim["min_lr"] / optim["lr"]
-        return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress))
-    raise ConfigError(f"optim.schedule={optim['schedule']!r}; choose 'constant' or 'cosine'")
 
 
 class GlobalBatches:
@@ -128,13 +129,6 @@ class GlobalBatches:
             step += 1
 
 
-def draw_times(diffusion, n: int, generator: torch.Generator, device) -> torch.Tensor:
-    """Training times for ``n`` samples as ``diffusion.training_losses`` draws them."""
-    if hasattr(diffusion, "sample_time"):
-        return diffusion.sample_time(torch.empty(n, device=device), generator)
-    return torch.randint(0, diffusion.num_timesteps, (n,), generator=generator, device=device)
-
-
 def _ignore_sigint(worker_id: int) -> None:
     """Data-loader workers leave Ctrl-C to the training process, which saves a checkpoint first."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
@@ -157,85 +151,19 @@ class StopSignal:
             signal.signal(s, handler)
 
 
-class Metrics:
-    """metrics.jsonl and TensorBoard on rank 0; lines after ``start_step`` of an earlier run are dropped."""
+def find_resume(cfg: dict, ckpt_dir: Path, say=print) -> dict | None:
+    """The loaded checkpoint to continue from, or None for a fresh run (which must not clobber an earlier one).
 
-    def __init__(self, run_dir: Path, tensorboard: bool, start_step: int):
-        self.path = run_dir / "metrics.jsonl"
-        kept = []
-        if start_step and self.path.exists():
-            kept = [line for line in self.path.read_text().splitlines() if json.loads(line)["step"] <= start_step]
-        self.path.write_text("".join(line + "\n" for line in kept))
-        self.writer = None
-        if tensorboard:
-            from torch.utils.tensorboard import SummaryWriter
-            self.writer = SummaryWriter(str(run_dir / "tensorboard"), purge_step=start_step + 1 if start_step else None)
-
-    def log(self, step: int, values: dict) -> None:
-        with open(self.path, "a") as f:
-            f.write(json.dumps({"step": step, **values}) + "\n")
-        if self.writer is not None:
-            for key, value in values.items():
-                self.writer.add_scalar(key, value, step)
-            self.writer.flush()
-
-    def close(self):
-        if self.writer is not None:
-            self.writer.close()
-
-
-def plot_loss(metrics_path: Path, out: Path) -> None:
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    rows = [json.loads(line) for line in metrics_path.read_text().splitlines()]
-    rows = [r for r in rows if "loss" in r]
-    if not rows:
-        return
-    fig, ax = plt.subplots(figsize=(6, 4))
-    ax.plot([r["step"] for r in rows], [r["loss"] for r in rows])
-    ax.set_xlabel("step")
-    ax.set_ylabel("training loss")
-    ax.set_yscale("log")
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(out, dpi=100)
-    plt.close(fig)
-
-
-def rng_state(generators: dict) -> dict:
-    state = {"torch": torch.get_rng_state(), **{k: g.get_state() for k, g in generators.items()}}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state()
-    return state
-
-
-def set_rng_state(state: dict, generators: dict) -> None:
-    torch.set_rng_state(state["torch"])
-    if torch.cuda.is_available() and "cuda" in state:
-        torch.cuda.set_rng_state(state["cuda"])
-    for key, generator in generators.items():
-        generator.set_state(state[key])
-
-
-def gather_objects(obj, world: int) -> list:
-    if world == 1:
-        return [obj]
-    out = [None] * world
-    dist.all_gather_object(out, obj)
-    return out
-
-
-def find_resume(cfg: dict, ckpt_dir: Path) -> Path | None:
-    """The checkpoint to continue from, or None for a fresh run (which must not clobber an earlier one)."""
+    ``train.resume=auto`` takes the newest good checkpoint, saying which corrupt ones it passed over, or
+    says that it starts fresh when there is none."""
     resume, newest = cfg["train"]["resume"], latest_checkpoint(ckpt_dir)
     if resume == "auto":
-        return newest
+        state = load_newest_good(ckpt_dir, say)
+        if state is None:
+            say(f"--resume: no checkpoint in {ckpt_dir}; starting fresh from step 0")
+        return state
     if resume != "none":
-        if not Path(resume).is_file():
-            raise CheckpointError(f"train.resume={resume!r} is not a file; pass a checkpoint path, 'auto' or 'none'")
-        return Path(resume)
+        return load_checkpoint(resume)
     if newest is not None and not cfg["train"]["overwrite"]:
         raise TrainingError(f"{ckpt_dir} already holds checkpoints (newest {newest.name}): continue that run with "
                             f"--resume (train.resume=auto), start over with train.overwrite=true, "
@@ -243,91 +171,134 @@ def find_resume(cfg: dict, ckpt_dir: Path) -> Path | None:
     return None
 
 
-def parameter_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
-    """AdamW groups: weight decay on weight matrices and kernels; none on biases, norm gains and
-    parameters marked ``_no_weight_decay`` (Mamba's A_log and D)."""
-    decay, no_decay = [], []
-    for p in model.parameters():
-        if p.requires_grad:
-            (no_decay if p.dim() < 2 or getattr(p, "_no_weight_decay", False) else decay).append(p)
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+@dataclass
+class Run:
+    """Everything a run holds between setup, the loop and the finish."""
+
+    cfg: dict
+    accelerator: object
+    run_dir: Path
+    dataset: object
+    model: torch.nn.Module  # what the forward runs: wrapped by DDP, torch.compile or FSDP's autocast
+    raw_model: torch.nn.Module
+    ema: EMA
+    diffusion: object
+    optimizer: torch.optim.Optimizer
+    scheduler: object
+    generators: dict
+    step: int
+    clock: list  # training time so far [wall s, CPU s], evaluations, grids and checkpoints excluded
+    model_name: str = ""
+    model_kwargs: dict = field(default_factory=dict)
+    macs: int = 0  # forward MACs per image, routed
+    batches: object = None
+    train_step: TrainStep = None
+    micro: int = 0
+    decode: object = None
+    metrics: Metrics | None = None
+    evaluation: Evaluation | None = None
+    last_ckpt: Path | None = None
+
+    @property
+    def ckpt_dir(self) -> Path:
+        return self.run_dir / "checkpoints"
+
+    @property
+    def main(self) -> bool:
+        return self.accelerator.is_main_process
 
 
 def train(cfg: dict) -> dict:
-    """Train as ``cfg`` says; returns a summary (run_dir, step, last checkpoint, final eval metrics)."""
+    """Train as ``cfg`` says; returns a summary (run_dir, step, last checkpoint, final eval metrics).
+
+    The whole config is checked first (ConfigError, one line per problem; nothing is created). Rank 0
+    holds the run dir's lock while the run lasts."""
+    validate_config(cfg)
+    with RunLock(run_dir_of(cfg)) if int(os.environ.get("RANK", 0)) == 0 else nullcontext():
+        run = setup(cfg)
+        stopped = loop(run)
+        if stopped:
+            return {"run_dir": run.run_dir, "step": run.step, "checkpoint": run.last_ckpt, "stopped": True}
+        return finish(run)
+
+
+def start_accelerator(tc: dict):
+    """Accelerate's view of the processes (DDP, bf16 autocast on CUDA) and this process's thread and TF32 settings."""
     from accelerate import Accelerator
 
-    from ssm_tread.diffusion import create_diffusion
-    from ssm_tread.models import count_macs, create_model
-    from ssm_tread.sampling import generate, grid_labels, save_grid
-    from ssm_tread.train.evaluation import Evaluation, check_eval_config
-
-    tc, oc, lc, sc, ec = cfg["train"], cfg["optim"], cfg["log"], cfg["sample"], cfg["eval"]
     cuda = torch.cuda.is_available()
     accelerator = Accelerator(cpu=not cuda, mixed_precision="bf16" if cuda and tc["precision"] == "bf16" else "no")
-    rank, world, main, device = (accelerator.process_index, accelerator.num_processes,
-                                 accelerator.is_main_process, accelerator.device)
     if not cuda and tc["cpu_threads"]:
         torch.set_num_threads(tc["cpu_threads"])
     if cuda and tc["tf32"]:
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
-    if tc["batch_size"] % (world * tc["grad_accum"]):
-        raise ConfigError(f"train.batch_size={tc['batch_size']} is not divisible by {world} ranks x "
-                          f"train.grad_accum={tc['grad_accum']}; change one of them")
-    micro = tc["batch_size"] // (world * tc["grad_accum"])
-    if tc["fsdp"] and tc["compile"]:
-        raise ConfigError("train.compile does not combine with train.fsdp (FSDP's per-block gathers break the "
-                          "compiled graph); set train.compile=false or train.fsdp=false")
-    fsdp = tc["fsdp"] and world > 1
-    if sc["cfg_scale"] != 1.0 and cfg["model"]["class_dropout_prob"] == 0:
-        raise ConfigError(f"sample.cfg_scale={sc['cfg_scale']} needs the null class that label dropout trains: "
-                          f"set model.class_dropout_prob > 0 or sample.cfg_scale=1.0")
-    check_eval_config(cfg)
+    return accelerator
 
+
+def setup(cfg: dict) -> Run:
+    """Build or restore the model, EMA, optimizer and data stream, and open the outputs (the config is valid)."""
+    tc = cfg["train"]
+    accelerator = start_accelerator(tc)
+    rank, world, device = accelerator.process_index, accelerator.num_processes, accelerator.device
     select_scan_backend(cfg["model"]["scan_backend"])
-    run_dir = Path(tc["run_dir"] or f"runs/{cfg['_name']}")
-    ckpt_dir = run_dir / "checkpoints"
-    resume = find_resume(cfg, ckpt_dir)
+    micro = tc["batch_size"] // (world * tc["grad_accum"])
+    run_dir = run_dir_of(cfg)
+    state = find_resume(cfg, run_dir / "checkpoints", print if accelerator.is_main_process else lambda line: None)
     accelerator.wait_for_everyone()
-    if main:
-        ckpt_dir.mkdir(parents=True, exist_ok=True)
-        save_config(cfg, run_dir / "config.json")
 
     dataset = build_dataset_from(cfg)
+    run = build_state(cfg, accelerator, run_dir, dataset, state)
+    run.micro = micro
+    run.train_step = TrainStep(run.model, run.diffusion, run.optimizer, run.scheduler, run.ema,
+                               loss_type=cfg["routing"]["loss"], grad_clip=cfg["optim"]["grad_clip"],
+                               no_sync=no_gradient_sync if is_sharded(run.raw_model) else accelerator.no_sync)
+    loader = DataLoader(dataset, num_workers=cfg["data"]["num_workers"], pin_memory=device.type == "cuda",
+                        batch_sampler=GlobalBatches(len(dataset), tc["batch_size"], micro, rank, world, tc["seed"],
+                                                    run.step),
+                        generator=torch.Generator().manual_seed(tc["seed"] + rank), worker_init_fn=_ignore_sigint,
+                        persistent_workers=cfg["data"]["num_workers"] > 0)
+    run.batches = iter(loader)
+    open_outputs(run, fresh=state is None)
+    return run
+
+
+def build_state(cfg: dict, accelerator, run_dir: Path, dataset, state: dict | None) -> Run:
+    """The model, its EMA, the diffusion, AdamW and its schedule, and the RNG streams: new (seeded) or from
+    the loaded checkpoint ``state``; sharded under FSDP, wrapped for DDP otherwise."""
+    from ssm_tread.diffusion import create_diffusion
+    from ssm_tread.models import create_model
+
+    tc, oc = cfg["train"], cfg["optim"]
+    rank, world, device = accelerator.process_index, accelerator.num_processes, accelerator.device
     torch.manual_seed(tc["seed"])
     model_name, model_kwargs = model_spec(cfg, dataset)
     model = create_model(model_name, **model_kwargs).to(device)
-    if resume is None and tc["init_from"]:  # fine-tuning: start from another run's (or a converted) EMA weights
+    if state is None and tc["init_from"]:  # fine-tuning: a fresh run from another run's (or a converted) EMA weights
         init = load_checkpoint(tc["init_from"])
         load_weights(model, init.get("ema", init["model"]), f"train.init_from={tc['init_from']!r}")
-    ema = EMA(model, tc["ema_decay"])
-    diffusion = create_diffusion(cfg["diffusion"]["objective"], **cfg["diffusion"]["kwargs"])
     macs = count_macs(model, routed=True)
-
+    ema = EMA(model, tc["ema_decay"])
     generators = {"noise": torch.Generator(device).manual_seed(tc["seed"]),
                   "routing": torch.Generator(device).manual_seed(tc["seed"] * 1009 + rank + 1)}
     model.router.generator = generators["routing"]
-    step, state = 0, None
-    if resume is not None:
-        state = load_checkpoint(resume)
-        load_weights(model, state["model"], f"checkpoint {resume}")
+    if state is not None:
+        load_weights(model, state["model"], f"checkpoint {state['path']}")
         ema.load_state_dict(state["ema"])
-        step = state["step"]
+    fsdp = tc["fsdp"] and world > 1
     if fsdp:  # the full weights are in; the optimizer takes the sharded parameters
         mesh = init_device_mesh(device.type, (world,))
         shard(model, mesh, bf16=accelerator.mixed_precision == "bf16")
         ema.shard(mesh)
-    optimizer = torch.optim.AdamW(parameter_groups(model, oc["weight_decay"]), lr=oc["lr"],
-                                  betas=tuple(oc["betas"]), eps=oc["eps"])
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, oc, tc["steps"]))
+    optimizer, scheduler = build_optimizer(model, oc, tc["steps"])
+    step = state["step"] if state is not None else 0
     if state is not None:
         load_optimizer_state(model, optimizer, state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
+        scheduler = schedule_at(optimizer, oc, tc["steps"], step)  # the config given now, not the checkpoint's
     torch.manual_seed(tc["seed"] * 1009 + rank + step)
     if state is not None and len(state["rng"]) == world:
         set_rng_state(state["rng"][rank], generators)
-    elif state is not None and main:
+    elif state is not None and accelerator.is_main_process:
         print(f"resuming on {world} ranks from a checkpoint of {len(state['rng'])}: per-rank RNG streams restart")
 
     raw_model = model
@@ -337,138 +308,150 @@ def train(cfg: dict) -> dict:
         model.forward = accelerator.autocast()(model.forward)
     else:
         model, optimizer = accelerator.prepare(model, optimizer)
+    return Run(cfg, accelerator, run_dir, dataset, model, raw_model, ema,
+               create_diffusion(cfg["diffusion"]["objective"], **cfg["diffusion"]["kwargs"]), optimizer, scheduler,
+               generators, step, list(state.get("clock", [0.0, 0.0])) if state is not None else [0.0, 0.0],
+               model_name, model_kwargs, macs)
 
-    loader = DataLoader(dataset, num_workers=cfg["data"]["num_workers"], pin_memory=cuda,
-                        batch_sampler=GlobalBatches(len(dataset), tc["batch_size"], micro, rank, world, tc["seed"], step),
-                        generator=torch.Generator().manual_seed(tc["seed"] + rank), worker_init_fn=_ignore_sigint,
-                        persistent_workers=cfg["data"]["num_workers"] > 0)
-    batches = iter(loader)
 
-    shape = (raw_model.in_channels, dataset.image_size, dataset.image_size)
-    grid_y = grid_labels(sc["grid_classes"], sc["grid_per_class"], device)
-    grid_noise = torch.randn((len(grid_y), *shape), generator=torch.Generator().manual_seed(sc["seed"])).to(device)
-    latent = cfg["data"]["name"] == "latents"
-    decode = None
-    if latent and (lc["grid_every"] or ec["num_samples"]):
-        from ssm_tread.sampling import load_vae
+def open_outputs(run: Run, fresh: bool) -> None:
+    """The VAE decoder (latent models that sample), metrics.jsonl, the evaluation, and the run's banner."""
+    cfg, device = run.cfg, run.accelerator.device
+    lc, sc, ec = cfg["log"], cfg["sample"], cfg["eval"]
+    if cfg["data"]["name"] == "latents" and (lc["grid_every"] or ec["num_samples"]):
         try:
-            decode = load_vae(sc["vae"], device)
+            run.decode = load_vae(sc["vae"], device)
         except FileNotFoundError as e:
             raise ConfigError(f"{e}; or turn off sample grids (log.grid_every=0) and evaluation "
                               f"(eval.num_samples=0 eval.every=0)") from None
-
-    def write_grid(sampler, path: Path):
-        images = generate(sampler, diffusion, grid_y, grid_noise, sc, decode,
-                          torch.Generator(device).manual_seed(sc["seed"]))
-        save_grid(images, path, sc["grid_cols"] or sc["grid_per_class"])
-
-    def save(step: int) -> Path:
-        states = gather_objects(rng_state(generators), world)
-        path = checkpoint_path(ckpt_dir, step)
-        weights, ema_weights = full_state_dict(raw_model), ema.state_dict()  # under FSDP: gathered to rank 0
-        optimizer_state = full_optimizer_state(raw_model, optimizer)
-        if main:
-            save_checkpoint({"model": weights, "ema": ema_weights,
-                             "optimizer": optimizer_state, "scheduler": scheduler.state_dict(),
-                             "step": step, "rng": states, "config": cfg,
-                             "model_name": model_name, "model_kwargs": model_kwargs}, path)
-            prune_checkpoints(ckpt_dir, tc["keep_last"], tc["keep_every"])
-        accelerator.wait_for_everyone()
-        return path
-
-    if main and resume is None:
-        for _, old in list_checkpoints(ckpt_dir):  # an earlier run's, with train.overwrite=true
+    if run.main:  # the run has started: its config replaces the one of the run dir
+        save_config(cfg, run.run_dir / "config.json")
+    if run.main and fresh:
+        for _, old in list_checkpoints(run.ckpt_dir):  # an earlier run's, with train.overwrite=true
             old.unlink()
-    metrics = Metrics(run_dir, lc["tensorboard"], step) if main else None
-    evaluation = (Evaluation(cfg, dataset.num_classes, shape, diffusion, device, decode, metrics, rank, world)
-                  if ec["num_samples"] else None)
-    if main:
-        params = sum(p.numel() for p in raw_model.parameters())
-        print(f"{model_name}: {params / 1e6:.2f}M parameters, {macs / 1e9:.3f} GMACs/image routed; {world} rank(s) "
-              f"on {device.type}{' (FSDP)' if fsdp else ''}, micro-batch {micro} x {tc['grad_accum']} accumulation; "
-              f"run dir {run_dir}" + (f"; resuming from step {step}" if step else ""))
-        if tc["fsdp"] and not fsdp:
+    run.last_ckpt = latest_checkpoint(run.ckpt_dir)
+    run.metrics = Metrics(run.run_dir, lc["tensorboard"], run.step) if run.main else None
+    if ec["num_samples"]:
+        run.evaluation = Evaluation(cfg, run.dataset.num_classes, sample_shape(run), run.diffusion, device,
+                                    run.decode, run.metrics, run.accelerator.process_index,
+                                    run.accelerator.num_processes)
+    if run.main:
+        params = sum(p.numel() for p in run.raw_model.parameters())
+        macs = run.macs
+        world, fsdp = run.accelerator.num_processes, is_sharded(run.raw_model)
+        print(f"{run.model_name}: {params / 1e6:.2f}M parameters, {macs / 1e9:.3f} GMACs/image routed; {world} "
+              f"rank(s) on {device.type}{' (FSDP)' if fsdp else ''}, micro-batch {run.micro} x "
+              f"{cfg['train']['grad_accum']} accumulation; run dir {run.run_dir}"
+              + (f"; resuming from step {run.step}" if run.step else ""))
+        if cfg["train"]["fsdp"] and not fsdp:
             print("train.fsdp: a single process has nothing to shard; it trains unsharded")
-    from tqdm.auto import tqdm
-    bar = tqdm(total=tc["steps"], initial=step, disable=not (main and lc["progress"]), dynamic_ncols=True)
-    last_ckpt = latest_checkpoint(ckpt_dir)
+
+
+def sample_shape(run: Run) -> tuple[int, int, int]:
+    return run.raw_model.in_channels, run.dataset.image_size, run.dataset.image_size
+
+
+def loop(run: Run) -> bool:
+    """Train from ``run.step`` to ``train.steps``; returns True when a signal stopped the run (after a checkpoint)."""
+    cfg, accelerator = run.cfg, run.accelerator
+    tc, lc, ec = cfg["train"], cfg["log"], cfg["eval"]
+    device, world, rank = accelerator.device, accelerator.num_processes, accelerator.process_index
+    shape, accum, micro = sample_shape(run), tc["grad_accum"], run.micro
+    window = Window(run.clock)
+    bar = tqdm(total=tc["steps"], initial=run.step, disable=not (run.main and lc["progress"]), dynamic_ncols=True)
     stop = StopSignal()
-    loss_type, accum, clip = cfg["routing"]["loss"], tc["grad_accum"], oc["grad_clip"]
-    no_sync = no_gradient_sync if fsdp else accelerator.no_sync
-    window_loss, window_steps, window_start = 0.0, 0, time.time()
-    model.train()
+    run.model.train()
     try:
-        while step < tc["steps"]:
-            noise = torch.randn((tc["batch_size"], *shape), generator=generators["noise"], device=device)
-            times = draw_times(diffusion, tc["batch_size"], generators["noise"], device)
-            loss_sum = torch.zeros((), device=device)
+        while run.step < tc["steps"]:
+            window.start_step()
+            noise = torch.randn((tc["batch_size"], *shape), generator=run.generators["noise"], device=device)
+            times = run.diffusion.sample_time(noise, run.generators["noise"])
+            micro_batches = []
             for j in range(accum):
-                x, y = next(batches)
-                x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+                x, y = next(run.batches)
                 lo = (j * world + rank) * micro
-                with no_sync(model) if j < accum - 1 else nullcontext():
-                    losses = diffusion.training_losses(model, x, {"y": y}, loss_type=loss_type,
-                                                       noise=noise[lo:lo + micro], t=times[lo:lo + micro])
-                    loss = losses["loss"].mean()
-                    accelerator.backward(loss / accum)
-                loss_sum += loss.detach()
-            flags = torch.stack([loss_sum / accum, torch.tensor(float(stop.received is not None), device=device)])
+                micro_batches.append((x.to(device, non_blocking=True), y.to(device, non_blocking=True),
+                                      noise[lo:lo + micro], times[lo:lo + micro]))
+            loss = run.train_step.backward(micro_batches)
+            flags = torch.stack([loss, torch.tensor(float(stop.received is not None), device=device)])
             loss_value, stopping = (accelerator.reduce(flags, "sum") / torch.tensor([world, 1], device=device)).tolist()
             if not math.isfinite(loss_value):
-                raise TrainingError(f"non-finite loss ({loss_value}) at step {step + 1}; last good checkpoint: "
-                                    f"{last_ckpt or 'none'}. Lower optim.lr, set optim.grad_clip, or check the data, "
-                                    f"then continue with --resume")
-            grad_norm = accelerator.clip_grad_norm_(model.parameters(), clip if clip > 0 else float("inf"))
-            optimizer.step()
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
-            ema.update(raw_model)
-            step += 1
-            window_loss, window_steps = window_loss + loss_value, window_steps + 1
+                raise TrainingError(f"non-finite loss ({loss_value}) at step {run.step + 1}; last good checkpoint: "
+                                    f"{run.last_ckpt or 'none'}. Lower optim.lr, set optim.grad_clip, or check the "
+                                    f"data, then continue with --resume")
+            grad_norm = run.train_step.update()
+            run.step += 1
+            window.end_step(loss_value)
             bar.update(1)
-            if main and (step % lc["every"] == 0 or step == tc["steps"]):
-                elapsed = time.time() - window_start
-                images_per_s = window_steps * tc["batch_size"] / elapsed
-                memory = (torch.cuda.max_memory_allocated() if cuda
-                          else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024) / 2**30
-                values = {"loss": window_loss / window_steps, "lr": scheduler.get_last_lr()[0],
-                          "grad_norm": float(grad_norm), "images_per_s": images_per_s,
-                          "tflops_per_device": 6 * macs * images_per_s / world / 1e12, "memory_gb": memory}
-                metrics.log(step, values)
-                bar.set_postfix(loss=f"{values['loss']:.4f}", img_s=f"{images_per_s:.0f}")
-                window_loss, window_steps, window_start = 0.0, 0, time.time()
-            if lc["grid_every"] and step % lc["grid_every"] == 0:
-                sampler = ema.sampling_model()  # under FSDP a gather every rank joins
-                if main:
-                    write_grid(sampler, run_dir / "grids" / f"step-{step:07d}.png")
+            if run.main and (run.step % lc["every"] == 0 or run.step == tc["steps"]):
+                values = window.flush(tc["batch_size"], run.macs, world, run.scheduler.get_last_lr()[0], grad_norm)
+                run.metrics.log(run.step, values)
+                bar.set_postfix(loss=f"{values['loss']:.4f}", img_s=f"{values['images_per_s']:.0f}")
+            if lc["grid_every"] and run.step % lc["grid_every"] == 0:
+                sampler = run.ema.sampling_model()  # under FSDP a gather every rank joins
+                if run.main:
+                    write_grid(run, sampler, run.run_dir / "grids" / f"step-{run.step:07d}.png")
                 accelerator.wait_for_everyone()
-            if tc["ckpt_every"] and step % tc["ckpt_every"] == 0 or stopping:
-                last_ckpt = save(step)
-            if ec["every"] and step % ec["every"] == 0 and not stopping:
-                evaluation(ema.sampling_model(), step)
+            if tc["ckpt_every"] and run.step % tc["ckpt_every"] == 0 or stopping:
+                run.last_ckpt = save(run)
+            if ec["every"] and run.step % ec["every"] == 0 and not stopping:
+                run.evaluation(run.ema.sampling_model(), run.step)
             if stopping:
-                if main:
-                    bar.write(f"stopped by a signal at step {step}; checkpoint {last_ckpt}; continue with --resume")
-                    metrics.close()
-                return {"run_dir": run_dir, "step": step, "checkpoint": last_ckpt, "stopped": True}
+                if run.main:
+                    bar.write(f"stopped by a signal at step {run.step}; checkpoint {run.last_ckpt}; "
+                              f"continue with --resume")
+                    run.metrics.close()
+                return True
     finally:
         stop.restore()
         bar.close()
+    return False
 
-    if last_ckpt is None or last_ckpt != checkpoint_path(ckpt_dir, step):
-        last_ckpt = save(step)
-    summary, grid = {"run_dir": run_dir, "step": step, "checkpoint": last_ckpt, "stopped": False}, None
-    can_sample = decode is not None or not latent  # latents become images only through the VAE
-    sampler = ema.sampling_model() if can_sample else None  # under FSDP a gather every rank joins
-    if evaluation is not None:
-        summary["eval"], grid = evaluation.final(sampler, step, run_dir)
-    if main:
-        plot_loss(metrics.path, run_dir / "loss.png")
+
+def write_grid(run: Run, sampler, path: Path) -> None:
+    """A grid of ``sample.grid_classes`` x ``sample.grid_per_class`` samples from fixed noise."""
+    sc, device = run.cfg["sample"], run.accelerator.device
+    labels = grid_labels(sc["grid_classes"], sc["grid_per_class"], device)
+    noise = torch.randn((len(labels), *sample_shape(run)), generator=torch.Generator().manual_seed(sc["seed"]))
+    with isolated_rng(device):  # the training's draws stay as they were
+        images = generate(sampler, run.diffusion, labels, noise.to(device), sc, run.decode,
+                          torch.Generator(device).manual_seed(sc["seed"]))
+    save_grid(images, path, sc["grid_cols"] or sc["grid_per_class"])
+
+
+def save(run: Run) -> Path:
+    """A checkpoint of the current step (a collective every rank joins; rank 0 writes it and prunes)."""
+    tc, world = run.cfg["train"], run.accelerator.num_processes
+    states = gather_objects(rng_state(run.generators), world)
+    path = checkpoint_path(run.ckpt_dir, run.step)
+    weights, ema_weights = full_state_dict(run.raw_model), run.ema.state_dict()  # under FSDP: gathered to rank 0
+    optimizer_state = full_optimizer_state(run.raw_model, run.optimizer)
+    if run.main:
+        save_checkpoint({"model": weights, "ema": ema_weights, "optimizer": optimizer_state,
+                         "step": run.step, "rng": states,
+                         "clock": list(run.clock), "config": run.cfg,
+                         "model_name": run.model_name, "model_kwargs": run.model_kwargs}, path)
+        prune_checkpoints(run.ckpt_dir, tc["keep_last"], tc["keep_every"])
+    run.accelerator.wait_for_everyone()
+    return path
+
+
+def finish(run: Run) -> dict:
+    """The last checkpoint, the final evaluation (eval.json), samples.png and loss.png."""
+    sc = run.cfg["sample"]
+    if run.last_ckpt is None or run.last_ckpt != checkpoint_path(run.ckpt_dir, run.step):
+        run.last_ckpt = save(run)
+    summary, grid = {"run_dir": run.run_dir, "step": run.step, "checkpoint": run.last_ckpt, "stopped": False}, None
+    can_sample = run.decode is not None or run.cfg["data"]["name"] != "latents"  # latents need the VAE
+    sampler = run.ema.sampling_model() if can_sample else None  # under FSDP a gather every rank joins
+    if run.evaluation is not None:
+        summary["eval"], grid = run.evaluation.final(sampler, run.step, run.run_dir)
+    if run.main:
+        plot_loss(run.metrics.path, run.run_dir / "loss.png")
         if grid is not None:
-            save_grid(grid, run_dir / "samples.png", sc["grid_cols"] or sc["grid_per_class"])
+            save_grid(grid, run.run_dir / "samples.png", sc["grid_cols"] or sc["grid_per_class"])
         elif can_sample:
-            write_grid(sampler, run_dir / "samples.png")
-        metrics.close()
-    accelerator.wait_for_everyone()
+            write_grid(run, sampler, run.run_dir / "samples.png")
+        run.metrics.close()
+    run.accelerator.wait_for_everyone()
     return summary
-

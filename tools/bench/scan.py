@@ -8,6 +8,7 @@ import time
 import torch
 
 from ssm_tread.ops.selective_scan import mamba_ssm_scan_fn, selective_scan
+from ssm_tread.ops.triton_scan import triton_available
 
 
 def scan_inputs(batch: int, channels: int, state: int, length: int, device: str = "cpu", seed: int = 0) -> dict:
@@ -30,8 +31,11 @@ def scan_inputs(batch: int, channels: int, state: int, length: int, device: str 
 
 
 def available_backends(device: str) -> list[str]:
-    cuda_kernel = torch.device(device).type == "cuda" and mamba_ssm_scan_fn() is not None
-    return ["reference", "torch"] + ["mamba_ssm"] * cuda_kernel
+    """The backends that run on ``device`` at GPU speed (triton under the CPU interpreter is left out)."""
+    cuda = torch.device(device).type == "cuda"
+    return ["reference", "torch"] + ["triton"] * (cuda and triton_available()) + ["mamba_ssm"] * (
+        cuda and mamba_ssm_scan_fn() is not None
+    )
 
 
 def benchmark_scan(

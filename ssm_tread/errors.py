@@ -1,0 +1,9 @@
+"""The base of the errors a user can fix: the tools print their message in one line per problem, without a
+traceback (``--debug`` or SSM_TREAD_DEBUG=1 shows it); every other error is a bug and shows everything."""
+
+
+class UserError(Exception):
+    """Bad input or a state of the disk the user can fix; the message names the problem and the fix.
+    ``exit_code``: what a tool exits with (2 for a bad config, as for bad arguments)."""
+
+    exit_code = 1

@@ -1,0 +1,203 @@
+"""Triton kernels of the selective scan; :mod:`ssm_tread.ops.triton_scan` launches them and documents
+the algorithm. Tensors are indexed [batch, channel, time] through strides; channel e = g * E_g + row.
+"""
+
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def affine(a1, b1, a2, b2):
+    # the map h -> a1 h + b1 followed by h -> a2 h + b2
+    return a1 * a2, b1 * a2 + b2
+
+
+@triton.jit
+def column(tile, cols, n):
+    """tile[:, n] of a [BLOCK_E, BLOCK_N] tile."""
+    return tl.sum(tl.where(cols[None, :] == n, tile, 0.0), axis=1)
+
+
+@triton.jit
+def load_dt(delta_ptr, bias, offs, mask, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr):
+    """dt (float32, 0 outside the sequence) and the raw value it came from."""
+    raw = tl.load(delta_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    if HAS_BIAS:
+        raw += bias[:, None]
+    dt = raw
+    if SOFTPLUS:
+        dt = tl.where(raw > 20.0, raw, tl.log(1.0 + tl.exp(raw)))
+    return tl.where(mask, dt, 0.0), raw
+
+
+@triton.jit
+def load_dy_scan(dy_ptrs, z_ptrs, mask, HAS_Z: tl.constexpr):
+    """dLoss/d(scan output + D u) from dLoss/dy: dy * silu(z) when the output was gated."""
+    dy = tl.load(dy_ptrs, mask=mask, other=0.0).to(tl.float32)
+    if HAS_Z:
+        z = tl.load(z_ptrs, mask=mask, other=0.0).to(tl.float32)
+        dy *= z * tl.sigmoid(z)
+    return dy
+
+
+@triton.jit
+def scan_fwd_kernel(
+    u_ptr, delta_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr,  # inputs
+    y_ptr, states_ptr, last_ptr,  # outputs: y [b, E, L], states [b, chunks, E, N], last [b, E, N]
+    E, N, L, channels_per_group, B_groups_div, C_groups_div,
+    s_ub, s_ue, s_ut, s_db, s_de, s_dt, s_zb, s_ze, s_zt,
+    s_Bb, s_Bg, s_Bn, s_Bt, s_Cb, s_Cg, s_Cn, s_Ct,
+    HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr,
+    BLOCK_E: tl.constexpr, BLOCK_N: tl.constexpr, CHUNK: tl.constexpr,
+):
+    b = tl.program_id(0)
+    g = tl.program_id(1)
+    rows = tl.program_id(2) * BLOCK_E + tl.arange(0, BLOCK_E)
+    row_ok = rows < channels_per_group
+    e = g * channels_per_group + rows  # [BLOCK_E] channel indices
+    cols = tl.arange(0, BLOCK_N)
+    steps = tl.arange(0, CHUNK)
+    bias = tl.load(bias_ptr + e, mask=row_ok, other=0.0).to(tl.float32) if HAS_BIAS else None
+    D = tl.load(D_ptr + e, mask=row_ok, other=0.0).to(tl.float32) if HAS_D else None
+    B_base = B_ptr + b * s_Bb + (g // B_groups_div) * s_Bg
+    C_base = C_ptr + b * s_Cb + (g // C_groups_div) * s_Cg
+    state = tl.zeros((BLOCK_E, BLOCK_N), tl.float32)  # h entering the chunk, all N states
+    for chunk in range(0, tl.cdiv(L, CHUNK)):
+        t = chunk * CHUNK + steps
+        t_ok = t < L
+        mask = row_ok[:, None] & t_ok[None, :]
+        tl.store(
+            states_ptr + ((b * tl.cdiv(L, CHUNK) + chunk) * E + e[:, None]) * N + cols[None, :],
+            state, mask=row_ok[:, None] & (cols[None, :] < N),
+        )
+        dt, _ = load_dt(delta_ptr + b * s_db, bias, e[:, None] * s_de + t[None, :] * s_dt, mask, HAS_BIAS,
+                        SOFTPLUS)
+        u = tl.load(u_ptr + b * s_ub + e[:, None] * s_ue + t[None, :] * s_ut, mask=mask, other=0.0).to(tl.float32)
+        dtu = dt * u
+        y = tl.zeros((BLOCK_E, CHUNK), tl.float32)
+        for n in range(0, N):
+            A_n = tl.load(A_ptr + e * N + n, mask=row_ok, other=0.0).to(tl.float32)
+            B_n = tl.load(B_base + n * s_Bn + t * s_Bt, mask=t_ok, other=0.0).to(tl.float32)
+            C_n = tl.load(C_base + n * s_Cn + t * s_Ct, mask=t_ok, other=0.0).to(tl.float32)
+            a = tl.exp(dt * A_n[:, None])
+            bu = dtu * B_n[None, :]
+            bu += tl.where(steps[None, :] == 0, a * column(state, cols, n)[:, None], 0.0)
+            _, h = tl.associative_scan((a, bu), 1, affine)
+            y += h * C_n[None, :]
+            h_end = tl.sum(tl.where(steps[None, :] == CHUNK - 1, h, 0.0), axis=1)
+            state = tl.where(cols[None, :] == n, h_end[:, None], state)
+        if HAS_D:
+            y += D[:, None] * u
+        if HAS_Z:
+            z = tl.load(z_ptr + b * s_zb + e[:, None] * s_ze + t[None, :] * s_zt, mask=mask, other=0.0)
+            z = z.to(tl.float32)
+            y *= z * tl.sigmoid(z)
+        tl.store(y_ptr + (b * E + e[:, None]) * L + t[None, :], y, mask=mask)
+    tl.store(last_ptr + (b * E + e[:, None]) * N + cols[None, :], state, mask=row_ok[:, None] & (cols[None, :] < N))
+
+
+@triton.jit
+def scan_bwd_kernel(
+    u_ptr, delta_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr, states_ptr,  # forward inputs, states
+    dy_ptr, dlast_ptr,  # incoming gradients: y [b, E, L] (contiguous), last state [b, E, N] float32
+    du_ptr, ddelta_ptr, dz_ptr,  # [b, E, L] in the inputs' dtypes
+    dA_ptr, dD_ptr, dbias_ptr,  # per batch element: [b, E, N], [b, E], [b, E] float32
+    dB_ptr, dC_ptr,  # per channel block: [b, G, blocks, N, L] float32
+    E, N, L, channels_per_group, B_groups_div, C_groups_div,
+    s_ub, s_ue, s_ut, s_db, s_de, s_dt, s_zb, s_ze, s_zt,
+    s_Bb, s_Bg, s_Bn, s_Bt, s_Cb, s_Cg, s_Cn, s_Ct,
+    HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr,
+    HAS_DLAST: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_N: tl.constexpr, CHUNK: tl.constexpr,
+):
+    b = tl.program_id(0)
+    g = tl.program_id(1)
+    block = tl.program_id(2)
+    rows = block * BLOCK_E + tl.arange(0, BLOCK_E)
+    row_ok = rows < channels_per_group
+    e = g * channels_per_group + rows
+    cols = tl.arange(0, BLOCK_N)
+    steps = tl.arange(0, CHUNK)
+    state_mask = row_ok[:, None] & (cols[None, :] < N)
+    bias = tl.load(bias_ptr + e, mask=row_ok, other=0.0).to(tl.float32) if HAS_BIAS else None
+    D = tl.load(D_ptr + e, mask=row_ok, other=0.0).to(tl.float32) if HAS_D else None
+    B_base = B_ptr + b * s_Bb + (g // B_groups_div) * s_Bg
+    C_base = C_ptr + b * s_Cb + (g // C_groups_div) * s_Cg
+    partial = ((b * tl.num_programs(1) + g) * tl.num_programs(2) + block) * N  # row of dB, dC for n = 0
+    chunks = tl.cdiv(L, CHUNK)
+    # carry[:, n] = a_{t0} w_{t0} of the chunk after (t0 its first step): dLoss/dh at this chunk's end
+    carry = tl.zeros((BLOCK_E, BLOCK_N), tl.float32)
+    if HAS_DLAST:
+        carry = tl.load(dlast_ptr + (b * E + e[:, None]) * N + cols[None, :], mask=state_mask, other=0.0)
+    grad_A = tl.zeros((BLOCK_E, BLOCK_N), tl.float32)
+    grad_D = tl.zeros((BLOCK_E,), tl.float32)
+    grad_bias = tl.zeros((BLOCK_E,), tl.float32)
+    for i in range(0, chunks):
+        chunk = chunks - 1 - i
+        t = chunk * CHUNK + steps
+        t_ok = t < L
+        mask = row_ok[:, None] & t_ok[None, :]
+        next_ok = row_ok[:, None] & (t + 1 < L)[None, :]
+        offs = e[:, None] * s_de + t[None, :] * s_dt
+        dt, _ = load_dt(delta_ptr + b * s_db, bias, offs, mask, HAS_BIAS, SOFTPLUS)
+        dt_next, _ = load_dt(delta_ptr + b * s_db + s_dt, bias, offs, next_ok, HAS_BIAS, SOFTPLUS)
+        u_offs = u_ptr + b * s_ub + e[:, None] * s_ue + t[None, :] * s_ut
+        dtu = dt * tl.load(u_offs, mask=mask, other=0.0).to(tl.float32)
+        dy_scan = load_dy_scan(dy_ptr + (b * E + e[:, None]) * L + t[None, :],
+                               z_ptr + b * s_zb + e[:, None] * s_ze + t[None, :] * s_zt, mask, HAS_Z)
+        y = tl.zeros((BLOCK_E, CHUNK), tl.float32)  # scan output, for dz
+        grad_dtu = tl.zeros((BLOCK_E, CHUNK), tl.float32)  # dLoss/d(dt_t u_t)
+        grad_dt = tl.zeros((BLOCK_E, CHUNK), tl.float32)  # dLoss/d dt_t through the decays
+        h0_base = states_ptr + ((b * chunks + chunk) * E + e) * N
+        for n in range(0, N):
+            A_n = tl.load(A_ptr + e * N + n, mask=row_ok, other=0.0).to(tl.float32)
+            B_n = tl.load(B_base + n * s_Bn + t * s_Bt, mask=t_ok, other=0.0).to(tl.float32)
+            C_n = tl.load(C_base + n * s_Cn + t * s_Ct, mask=t_ok, other=0.0).to(tl.float32)
+            h0 = tl.load(h0_base + n, mask=row_ok, other=0.0)
+            a = tl.exp(dt * A_n[:, None])
+            bu = dtu * B_n[None, :]
+            _, h = tl.associative_scan((a, bu + tl.where(steps[None, :] == 0, a * h0[:, None], 0.0)), 1, affine)
+            y += h * C_n[None, :]
+            # w_t = C_t dy_t + a_{t+1} w_{t+1}; past the chunk's end, a_{t+1} w_{t+1} is the carry
+            c = dy_scan * C_n[None, :]
+            c += tl.where(steps[None, :] == CHUNK - 1, column(carry, cols, n)[:, None], 0.0)
+            # a reverse scan as flip(scan(flip)): the order in which associative_scan(reverse=True) passes
+            # a non-commutative combine's arguments has changed across Triton releases (triton#4362)
+            _, w = tl.associative_scan((tl.flip(tl.exp(dt_next * A_n[:, None]), 1), tl.flip(c, 1)), 1, affine)
+            w = tl.flip(w, 1)
+            grad_dtu += w * B_n[None, :]
+            q = w * (h - bu)  # w_t a_t h_{t-1} = dLoss/d(dt_t A)
+            grad_dt += q * A_n[:, None]
+            grad_A = tl.where(cols[None, :] == n, grad_A + tl.sum(q * dt, axis=1)[:, None], grad_A)
+            grad_B_n = tl.sum(w * dtu, axis=0)  # rows past the group have dtu = dy_scan = 0
+            grad_C_n = tl.sum(h * dy_scan, axis=0)
+            tl.store(dB_ptr + (partial + n) * L + t, grad_B_n, mask=t_ok)
+            tl.store(dC_ptr + (partial + n) * L + t, grad_C_n, mask=t_ok)
+            w0 = tl.sum(tl.where(steps[None, :] == 0, a * w, 0.0), axis=1)
+            carry = tl.where(cols[None, :] == n, w0[:, None], carry)
+        # the inputs that the state loop did not need, loaded again rather than kept in registers
+        u = tl.load(u_offs, mask=mask, other=0.0).to(tl.float32)
+        _, raw = load_dt(delta_ptr + b * s_db, bias, offs, mask, HAS_BIAS, SOFTPLUS)
+        grad_u = grad_dtu * dt
+        grad_dt += grad_dtu * u
+        if HAS_D:
+            grad_u += dy_scan * D[:, None]
+            grad_D += tl.sum(dy_scan * u, axis=1)
+            y += D[:, None] * u
+        if HAS_Z:
+            dy = tl.load(dy_ptr + (b * E + e[:, None]) * L + t[None, :], mask=mask, other=0.0).to(tl.float32)
+            z = tl.load(z_ptr + b * s_zb + e[:, None] * s_ze + t[None, :] * s_zt, mask=mask, other=0.0)
+            z = z.to(tl.float32)
+            gate = tl.sigmoid(z)
+            grad_z = dy * y * gate * (1.0 + z * (1.0 - gate))
+            tl.store(dz_ptr + (b * E + e[:, None]) * L + t[None, :], grad_z, mask=mask)
+        if SOFTPLUS:
+            grad_dt = tl.where(raw > 20.0, grad_dt, grad_dt * tl.sigmoid(raw))
+        grad_dt = tl.where(mask, grad_dt, 0.0)
+        grad_bias += tl.sum(grad_dt, axis=1)
+        tl.store(du_ptr + (b * E + e[:, None]) * L + t[None, :], grad_u, mask=mask)
+        tl.store(ddelta_ptr + (b * E + e[:, None]) * L + t[None, :], grad_dt, mask=mask)
+    tl.store(dA_ptr + (b * E + e[:, None]) * N + cols[None, :], grad_A, mask=state_mask)
+    if HAS_D:
+        tl.store(dD_ptr + b * E + e, grad_D, mask=row_ok)
+    if HAS_BIAS:
+        tl.store(dbias_ptr + b * E + e, grad_bias, mask=row_ok)

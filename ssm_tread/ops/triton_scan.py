@@ -1,0 +1,176 @@
+"""The selective scan as Triton kernels: forward and backward, for GPUs without the mamba-ssm build.
+
+Each program owns one batch element and a block of ``BLOCK_E`` channels of one group of B/C, and walks
+L in chunks of ``CHUNK`` steps. Inside a chunk it loops over the N states; for state n the recurrence
+over the chunk's [BLOCK_E, CHUNK] tile is one associative scan of the affine maps h -> a_t h + b_t:
+
+    forward     h_t = a_t h_{t-1} + dt_t B_t u_t            a_t = exp(dt_t A)
+    backward    w_t = C_t dy_t + a_{t+1} w_{t+1}            w_t = dLoss/dh_t (a reverse scan)
+
+The forward saves only the state entering each chunk ([b, chunks, E, N] float32); the backward walks
+the chunks in reverse, recomputes the chunk's states from that saved state, and uses
+a_t h_{t-1} = h_t - dt_t B_t u_t, so no state is ever divided by a decay. Sums over batch (A, D,
+delta_bias) and over channels (B, C) are written per program and summed afterwards: deterministic.
+
+Triton kernels run on CUDA tensors, and on CPU tensors when ``TRITON_INTERPRET=1`` was set before
+triton was imported (triton's own library functions are defined at its import): how the tests run them.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+import os
+from typing import NamedTuple
+
+import torch
+
+CHUNK = 32  # steps per chunk: the length of one in-register scan
+BLOCK_E = 16  # channels per program
+LAUNCH_OPTIONS = dict(num_warps=4)  # [16, 32] tiles, 4 elements a thread: no register spills (tools/bench/kernels.py)
+SIZE_ARGS = 23  # both kernels end with E, N, L, the three group sizes and the 17 strides of u, delta, z, B, C
+
+
+@functools.cache
+def triton_available() -> bool:
+    """Whether triton imports (it ships with CUDA builds of torch)."""
+    try:
+        import triton  # noqa: F401
+    except Exception:
+        return False
+    return True
+
+
+def interpreted() -> bool:
+    """Whether Triton kernels run on the CPU interpreter (``TRITON_INTERPRET=1``)."""
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def scan_kernels():
+    """(forward, backward) kernels; imported on first use, so that this module never needs triton."""
+    from ssm_tread.ops.triton_kernels import scan_bwd_kernel, scan_fwd_kernel
+
+    return scan_fwd_kernel, scan_bwd_kernel
+
+
+def launch_config(channels_per_group: int, state: int, block_e: int = BLOCK_E, chunk: int = CHUNK) -> dict:
+    """The block sizes a call uses: channels per program shrink to fit a small group."""
+    return dict(
+        BLOCK_E=min(block_e, next_power_of_2(channels_per_group)),
+        BLOCK_N=next_power_of_2(state),
+        CHUNK=chunk,
+    )
+
+
+def next_power_of_2(n: int) -> int:
+    return 1 << max(n - 1, 0).bit_length()
+
+
+def _strides(*tensors):
+    return [s for t in tensors for s in t.stride()]
+
+
+class Launch(NamedTuple):
+    """One kernel launch: ``kernel[grid](*args, **LAUNCH_OPTIONS, **constants)``."""
+
+    grid: tuple[int, int, int]
+    args: tuple
+    constants: dict
+
+
+def forward_launch(u, delta, A, B, C, D, z, delta_bias, softplus, chunk=None, block_e=None):
+    """The forward kernel's launch and its outputs: y [b, E, L] in u's dtype, the state entering each
+    chunk [b, chunks, E, N] and the last state [b, E, N] (float32). B, C are [b, G, N, L]."""
+    chunk, block_e = chunk or CHUNK, block_e or BLOCK_E
+    batch, channels, length = u.shape
+    state = A.shape[1]
+    groups = math.lcm(B.shape[1], C.shape[1])
+    per_group = channels // groups
+    config = launch_config(per_group, state, block_e, chunk)
+    y = torch.empty_like(u, memory_format=torch.contiguous_format)
+    states = u.new_empty(batch, -(-length // chunk), channels, state, dtype=torch.float32)
+    last = u.new_empty(batch, channels, state, dtype=torch.float32)
+    zz = z if z is not None else u  # absent tensors: any pointer, never read
+    args = (
+        u, delta, A, B, C, D if D is not None else A, zz, delta_bias if delta_bias is not None else A,
+        y, states, last,
+        channels, state, length, per_group, groups // B.shape[1], groups // C.shape[1],
+        *_strides(u, delta, zz, B, C),
+    )
+    flags = dict(HAS_D=D is not None, HAS_Z=z is not None, HAS_BIAS=delta_bias is not None, SOFTPLUS=softplus)
+    grid = (batch, groups, -(-per_group // config["BLOCK_E"]))
+    return Launch(grid, args, {**flags, **config}), (y, states, last)
+
+
+def backward_launch(forward: Launch, u, delta, A, B, C, D, z, delta_bias, states, grad_y, grad_last):
+    """The backward kernel's launch after ``forward``, and its outputs: gradients of u, delta, z
+    (their dtypes), per batch element of A, D, delta_bias, per channel block of B, C (float32)."""
+    batch, channels, length = u.shape
+    state = A.shape[1]
+    _, groups, blocks = forward.grid
+    f32 = dict(dtype=torch.float32, device=u.device)
+    grads = dict(
+        u=torch.empty_like(grad_y),
+        delta=torch.empty_like(grad_y, dtype=delta.dtype),
+        z=torch.empty_like(grad_y, dtype=z.dtype) if z is not None else None,
+        A=torch.empty(batch, channels, state, **f32),
+        D=torch.empty(batch, channels, **f32) if D is not None else None,
+        delta_bias=torch.empty(batch, channels, **f32) if delta_bias is not None else None,
+        B=torch.empty(batch, groups, blocks, state, length, **f32),
+        C=torch.empty(batch, groups, blocks, state, length, **f32),
+    )
+    zz = z if z is not None else u
+    args = (
+        u, delta, A, B, C, D if D is not None else A, zz, delta_bias if delta_bias is not None else A, states,
+        grad_y, grad_last if grad_last is not None else A,
+        grads["u"], grads["delta"], grads["z"] if z is not None else grads["u"],
+        grads["A"], grads["D"] if D is not None else grads["A"],
+        grads["delta_bias"] if delta_bias is not None else grads["A"],
+        grads["B"], grads["C"],
+        *forward.args[-SIZE_ARGS:],
+    )
+    return Launch(forward.grid, args, {**forward.constants, "HAS_DLAST": grad_last is not None}), grads
+
+
+class _TritonScan(torch.autograd.Function):
+    """(u, delta, A, B, C, D, z, delta_bias) -> (y, h_L); see :func:`selective_scan_triton`."""
+
+    @staticmethod
+    def forward(ctx, u, delta, A, B, C, D, z, delta_bias, softplus, chunk, block_e):
+        scan_fwd, _ = scan_kernels()
+        A = A.contiguous()
+        launch, (y, states, last) = forward_launch(u, delta, A, B, C, D, z, delta_bias, softplus, chunk, block_e)
+        scan_fwd[launch.grid](*launch.args, **LAUNCH_OPTIONS, **launch.constants)
+        ctx.save_for_backward(u, delta, A, B, C, D, z, delta_bias, states)
+        ctx.launch = launch._replace(args=launch.args[-SIZE_ARGS:])  # no reference to y
+        ctx.set_materialize_grads(False)
+        return y, last
+
+    @staticmethod
+    def backward(ctx, grad_y, grad_last):
+        _, scan_bwd = scan_kernels()
+        u, delta, A, B, C, D, z, delta_bias, states = ctx.saved_tensors
+        batch, channels, length = u.shape
+        groups = ctx.launch.grid[1]
+        grad_y = torch.zeros_like(u) if grad_y is None else grad_y.contiguous()
+        grad_last = grad_last.contiguous() if grad_last is not None else None
+        launch, grads = backward_launch(ctx.launch, u, delta, A, B, C, D, z, delta_bias, states, grad_y, grad_last)
+        scan_bwd[launch.grid](*launch.args, **LAUNCH_OPTIONS, **launch.constants)
+
+        def coarse(grad, like):  # [b, G, blocks, N, L] -> like's [b, G_like, N, L], summing channel blocks
+            grad = grad.sum(2).view(batch, like.shape[1], groups // like.shape[1], *grad.shape[-2:]).sum(2)
+            return grad.to(like.dtype)
+
+        def over_batch(name, like):
+            return grads[name].sum(0).to(like.dtype) if like is not None else None
+
+        return (
+            grads["u"], grads["delta"], over_batch("A", A), coarse(grads["B"], B), coarse(grads["C"], C),
+            over_batch("D", D), grads["z"], over_batch("delta_bias", delta_bias), None, None, None,
+        )
+
+
+def selective_scan_triton(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False):
+    """y [b, E, L] in u's dtype and the last state [b, E, N] float32. B, C are [b, G, N, L]. The
+    module's CHUNK and BLOCK_E are read at each call (tests shrink them)."""
+    return _TritonScan.apply(u, delta, A, B, C, D, z, delta_bias, delta_softplus, CHUNK, BLOCK_E)

@@ -1,0 +1,123 @@
+"""The convergence study as ordinary training runs: does TREAD help every backbone, and does keeping the
+scan order matter for the state-space ones?
+
+A study file (``configs/study_digits.py``) is a trainer config plus a grid, ``study = dict(backbones,
+routes, modes, seeds)``. Each backbone x mode x seed is one ``tools/train.py`` run of that config with
+model.name/model.kwargs, routing.routes/routing.scan_consistent and train.seed set: ``none`` (no
+routing), ``scan`` (TREAD, survivors read in each layer's own scan order restricted to them) and
+``naive`` (TREAD, survivors read in their random selection order). For one seed every mode starts from
+the same weights and sees the same batches, noise and diffusion times; the two TREAD modes also draw the
+same routed subsets. (DiT never asks for a scan order, so its ``scan`` and ``naive`` runs are the same
+computation; they are kept as a check.)
+
+The results come from each run's own files: the evaluations of the EMA model (``eval.every``; digits
+FID and class accuracy) and the training time up to them (``train_wall_s``, ``train_cpu_s``) from
+metrics.jsonl. A run whose eval.json exists and whose config.json is the config it would get now is
+finished and skipped, so an interrupted study resumes where it stopped.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+from tqdm.auto import tqdm
+
+from ssm_tread.models import count_macs, create_model
+from ssm_tread.train.config import ConfigError, load_config, to_json
+from ssm_tread.train.trainer import build_dataset_from, model_spec
+from tools.bench.study_report import MODES, run_key
+
+TRAIN = Path(__file__).resolve().parents[1] / "train.py"
+
+
+def grid(cfg: dict, backbones=None, modes=None, seeds=None) -> list[tuple[str, str, int]]:
+    """The runs of a study config (or the subset named), seed by seed, backbone by backbone, the modes
+    next to each other (so machine load drifts hit the modes alike)."""
+    study = cfg.get("_study")
+    if study is None:
+        raise ConfigError(f"{cfg['_path']} defines no study grid (study = dict(backbones=..., routes=..., modes=..., "
+                          f"seeds=...)); see configs/study_digits.py")
+    chosen = {"backbones": backbones or list(study["backbones"]), "modes": modes or list(study["modes"]),
+              "seeds": seeds if seeds is not None else list(study["seeds"])}
+    for key, valid in (("backbones", list(study["backbones"])), ("modes", MODES), ("seeds", list(study["seeds"]))):
+        unknown = [v for v in chosen[key] if v not in valid]
+        if unknown:
+            raise ConfigError(f"--{key} {unknown}: not in the study; choose from {valid}")
+    return [(b, m, s) for s in chosen["seeds"] for b in chosen["backbones"] for m in chosen["modes"]]
+
+
+def run_overrides(cfg: dict, backbone: str, mode: str, seed: int, runs_root: str | os.PathLike) -> list[str]:
+    """The ``group.key=value`` overrides that turn the study file's config into one run of its grid."""
+    study = cfg["_study"]
+    name, kwargs = study["backbones"][backbone]
+    routes = [] if mode == "none" else [tuple(r) for r in study["routes"][backbone]]
+    return [f"model.name={name}", f"model.kwargs={dict(kwargs)!r}", f"routing.routes={routes!r}",
+            f"routing.scan_consistent={mode != 'naive'}", f"train.seed={seed}",
+            f"train.run_dir={Path(runs_root) / f'{backbone}-{mode}-seed{seed}'}", "train.resume=none",
+            "train.overwrite=true", "log.progress=false"]
+
+
+def is_finished(config_path: str, overrides: list[str]) -> bool:
+    cfg = load_config(config_path, overrides)
+    run_dir = Path(cfg["train"]["run_dir"])
+    saved = run_dir / "config.json"
+    return ((run_dir / "eval.json").is_file() and saved.is_file()
+            and json.loads(saved.read_text()) == json.loads(to_json(cfg)))
+
+
+def train_run(config_path: str, overrides: list[str]) -> tuple[int, Path]:
+    """``python tools/train.py CONFIG OVERRIDES`` with its output in the run's train.log; (exit code, log)."""
+    run_dir = Path(load_config(config_path, overrides)["train"]["run_dir"])
+    run_dir.mkdir(parents=True, exist_ok=True)
+    log = run_dir / "train.log"
+    with open(log, "w") as f:
+        done = subprocess.run([sys.executable, str(TRAIN), config_path, *overrides], stdout=f,
+                              stderr=subprocess.STDOUT, check=False, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    return done.returncode, log
+
+
+def collect_run(cfg: dict, backbone: str, mode: str, seed: int) -> dict:
+    """One run's record for :mod:`tools.bench.study_report`, from its run directory."""
+    rows = [json.loads(line) for line in (Path(cfg["train"]["run_dir"]) / "metrics.jsonl").read_text().splitlines()]
+    trained = [r for r in rows if "loss" in r]
+    evals = []
+    for row in (r for r in rows if "eval/fid" in r):
+        clock = [r for r in trained if r["step"] <= row["step"]][-1]  # log.every divides eval.every: the same step
+        evals.append({"step": row["step"], "fid": row["eval/fid"], "accuracy": row["eval/accuracy"],
+                      "train_wall_s": clock["train_wall_s"], "train_cpu_s": clock["train_cpu_s"]})
+    name, kwargs = model_spec(cfg, build_dataset_from(cfg))
+    model = create_model(name, **kwargs)
+    return {"backbone": backbone, "mode": mode, "seed": seed,
+            "params": sum(p.numel() for p in model.parameters() if p.requires_grad),
+            "macs": {"full": count_macs(model, routed=False), "routed": count_macs(model, routed=True)},
+            "evals": evals, "losses": [{"step": r["step"], "loss": r["loss"]} for r in trained],
+            "train_wall_s": trained[-1]["train_wall_s"], "train_cpu_s": trained[-1]["train_cpu_s"]}
+
+
+def run_study(config_path: str, runs_root: str | os.PathLike, workers: int = 1, backbones=None, modes=None,
+              seeds=None, meta: dict | None = None) -> dict:
+    """Train every run of the grid (or the subset named) not finished yet, ``workers`` at a time, then
+    collect every finished run of the whole grid: ``{"config", "meta", "runs": {run_key: run}}``."""
+    cfg, runs_root = load_config(config_path), Path(runs_root)
+    todo = [(run, run_overrides(cfg, *run, runs_root)) for run in grid(cfg, backbones, modes, seeds)]
+    todo = [(run, overrides) for run, overrides in todo if not is_finished(config_path, overrides)]
+    failed = []
+    with ThreadPoolExecutor(max_workers=max(1, workers)) as pool, tqdm(total=len(todo), desc="study runs") as bar:
+        for (run, _), (code, log) in zip(todo, pool.map(lambda item: train_run(config_path, item[1]), todo)):
+            bar.update(1)
+            if code:
+                failed.append(f"{run_key(*run)}: exit code {code}, see {log}")
+    for line in failed:
+        print(f"failed: {line}")
+    runs = {}
+    for run in grid(cfg):
+        overrides = run_overrides(cfg, *run, runs_root)
+        if is_finished(config_path, overrides):
+            runs[run_key(*run)] = collect_run(load_config(config_path, overrides), *run)
+    study = json.loads(json.dumps(cfg["_study"]))
+    return {"config": {**study, "file": config_path, "runs_dir": str(runs_root)}, "meta": meta or {}, "runs": runs}
