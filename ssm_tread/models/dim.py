@@ -169,7 +169,6 @@ class DiM(nn.Module):
         self.padded_size = (h + NUM_PAD, w + NUM_PAD)
         padded_h, padded_w = self.padded_size
         self.seq_len = NUM_PREFIX + padded_h * padded_w
-        self.stream_width = hidden_size  # the width of the tokens between blocks (and in routes)
         self.pos_embed = nn.Parameter(torch.zeros(1, 2 + h * w, hidden_size))  # of [tau, kappa, patches]
         self.in_conv = nn.Conv2d(hidden_size, hidden_size, kernel_size=3, padding=1, groups=hidden_size)
         self.t_embedder = TimestepEmbedder(hidden_size)

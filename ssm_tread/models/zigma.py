@@ -186,8 +186,6 @@ class ZigMa(nn.Module):
         self.t_embedder = TimestepEmbedder(hidden_size)
         self.y_embedder = LabelEmbedder(num_classes, hidden_size, class_dropout_prob) if num_classes > 0 else None
         num_patches = self.x_embedder.num_patches
-        self.seq_len = num_patches  # the sequence is the grid
-        self.stream_width = 2 * hidden_size  # the residual pair [h | r] travels between blocks (and routes)
         if pos_embed == "none":
             self.pos_embed = None
         else:
