@@ -137,28 +137,34 @@ def infer_kwargs(arch: str, official_state: Mapping[str, torch.Tensor], **given)
     ("learned" when stored, else "none") and ``class_dropout_prob`` (0: the official table has no null
     row; given > 0, the table's last row is taken for our null class)."""
     arch = check_arch(arch)
-    state = to_ours(arch, official_state)
-    hidden_size, in_channels, patch_size, _ = state["x_embedder.proj.weight"].shape
-    depth = 1 + max(int(k.split(".")[1]) for k in state if k.startswith("blocks."))
-    inner, d_state = state["blocks.0.mixer.A_log"].shape
-    out_channels = state["final_layer.linear.weight"].shape[0] // patch_size**2
-    kwargs = dict(
-        in_channels=in_channels, patch_size=patch_size, hidden_size=hidden_size, depth=depth,
-        learn_sigma=out_channels == 2 * in_channels, d_state=d_state,
-        d_conv=state["blocks.0.mixer.conv1d.weight"].shape[-1], expand=inner // hidden_size,
-    )
-    table = state.get("y_embedder.embedding_table.weight")
+    shape = {k: tuple(v.shape) for k, v in to_ours(arch, official_state).items()}
+    kwargs = {}  # what the shapes tell; keys that are missing surface in load_official's one error
+    if "x_embedder.proj.weight" in shape:
+        hidden_size, in_channels, patch_size, _ = shape["x_embedder.proj.weight"]
+        kwargs.update(hidden_size=hidden_size, in_channels=in_channels, patch_size=patch_size)
+        if "blocks.0.mixer.A_log" in shape:
+            inner, kwargs["d_state"] = shape["blocks.0.mixer.A_log"]
+            kwargs["expand"] = inner // hidden_size
+        if "final_layer.linear.weight" in shape:
+            kwargs["learn_sigma"] = shape["final_layer.linear.weight"][0] == 2 * in_channels * patch_size**2
+    if "blocks.0.mixer.conv1d.weight" in shape:
+        kwargs["d_conv"] = shape["blocks.0.mixer.conv1d.weight"][-1]
+    blocks = [int(k.split(".")[1]) for k in shape if k.startswith("blocks.")]
+    if blocks:
+        kwargs["depth"] = 1 + max(blocks)
+    table = shape.get("y_embedder.embedding_table.weight")
     if arch == "DiM":
-        kwargs["num_classes"] = table.shape[0] - 1  # the last row is the null class
-        tokens = state["pos_embed"].shape[1] - 2  # [tau, kappa, patches]
+        if table is not None:
+            kwargs["num_classes"] = table[0] - 1  # the last row is the null class
+        tokens = shape["pos_embed"][1] - 2 if "pos_embed" in shape else 0  # [tau, kappa, patches]
     else:
         null_row = given.get("class_dropout_prob", 0.0) > 0
-        kwargs.update(num_classes=0 if table is None else table.shape[0] - null_row, class_dropout_prob=0.0,
-                      pos_embed="learned" if "pos_embed" in state else "none")
-        tokens = state["pos_embed"].shape[1] if "pos_embed" in state else 0
+        kwargs.update(num_classes=0 if table is None else table[0] - null_row, class_dropout_prob=0.0,
+                      pos_embed="learned" if "pos_embed" in shape else "none")
+        tokens = shape["pos_embed"][1] if "pos_embed" in shape else 0
     side = round(tokens**0.5)
-    if tokens and side * side == tokens:
-        kwargs["input_size"] = side * patch_size
+    if tokens and side * side == tokens and "patch_size" in kwargs:
+        kwargs["input_size"] = side * kwargs["patch_size"]
     return {**kwargs, **given}
 
 
