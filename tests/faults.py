@@ -66,6 +66,9 @@ def ctrl_c_during_start_up():
     """Ctrl-C arrives while the data set is being built."""
     from ssm_tread.train import trainer
 
+    # as in a terminal: a test run started in the background (``cmd &``) inherits SIGINT ignored
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+
     build = trainer.build_dataset_from
 
     def interrupted(cfg):
