@@ -1,7 +1,6 @@
-"""What the ranks of a run exchange besides gradients: Python objects, and the RNG states of a checkpoint."""
+"""What the ranks of a run exchange besides gradients: Python objects."""
 from __future__ import annotations
 
-import torch
 import torch.distributed as dist
 
 
@@ -12,19 +11,3 @@ def gather_objects(obj, world: int) -> list:
     out = [None] * world
     dist.all_gather_object(out, obj)
     return out
-
-
-def rng_state(generators: dict) -> dict:
-    """This rank's global torch (and CUDA) RNG states and the states of ``generators``."""
-    state = {"torch": torch.get_rng_state(), **{k: g.get_state() for k, g in generators.items()}}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state()
-    return state
-
-
-def set_rng_state(state: dict, generators: dict) -> None:
-    torch.set_rng_state(state["torch"])
-    if torch.cuda.is_available() and "cuda" in state:
-        torch.cuda.set_rng_state(state["cuda"])
-    for key, generator in generators.items():
-        generator.set_state(state[key])

@@ -43,7 +43,7 @@ from ssm_tread.models import count_macs
 from ssm_tread.ops import set_backend
 from ssm_tread.sampling import generate, grid_labels, load_vae, save_grid
 from ssm_tread.train.config import ConfigError, run_dir_of, save_config
-from ssm_tread.train.distributed import gather_objects, rng_state, set_rng_state
+from ssm_tread.train.distributed import gather_objects
 from ssm_tread.train.ema import EMA
 from ssm_tread.train.evaluation import Evaluation
 from ssm_tread.train.fsdp import (
@@ -55,7 +55,7 @@ from ssm_tread.train.fsdp import (
     shard,
 )
 from ssm_tread.train.metrics import Metrics, Window, plot_loss
-from ssm_tread.train.rng import isolated_rng
+from ssm_tread.train.rng import isolated_rng, rng_state, set_rng_state
 from ssm_tread.train.runlock import RunLock
 from ssm_tread.train.step import TrainStep, build_optimizer, schedule_at
 from ssm_tread.train.validate import validate_config
