@@ -58,6 +58,7 @@ tqdm_stand_in()
 from ssm_tread import diffusion as ssm_diffusion  # noqa: E402
 from ssm_tread import models  # noqa: E402
 from ssm_tread.ops import selective_scan  # noqa: E402
+from tools.bench.env import device_name, measure_matmul_tflops, synchronize  # noqa: E402
 from tools.bench.scan import benchmark_scan, scan_inputs  # noqa: E402
 from ssm_tread.ops.selective_scan import check_backend  # noqa: E402
 from ssm_tread.train.step import TrainStep  # noqa: E402
@@ -80,11 +81,6 @@ def sizes(dry_run: bool) -> dict:
         parity=(1, 8, 4, 40), scan_state=4, scan_shapes={"DiM-L/2": (8, 23), "ZigMa-B/2": (8, 16)},
         scan_warmup=0, scan_repeats=1, warmup=1, steps=2, sample_steps=2, matmul=256, compile_backend="eager",
     )
-
-
-def synchronize(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def median_seconds(fn, device: torch.device, repeats: int) -> float:
@@ -122,9 +118,7 @@ def reset_memory(device: torch.device) -> None:
 def matmul_peak_tflops(device: torch.device, size: int) -> float:
     """The best dense matmul rate reached here (bf16 on CUDA, fp32 on CPU): the peak that MFU divides by."""
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    a, b = (torch.randn(size, size, device=device, dtype=dtype) for _ in range(2))
-    seconds = min(median_seconds(lambda: a @ b, device, 3) for _ in range(5))
-    return 2 * size**3 / seconds / 1e12
+    return measure_matmul_tflops(device, size, dtype)["wall"]
 
 
 def scan_parity(device: torch.device, cfg: dict) -> dict:
@@ -360,8 +354,8 @@ def environment(device: torch.device) -> dict:
         triton_version = triton.__version__
     except ImportError:
         triton_version = "not installed"
-    name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU ({platform.processor() or 'unknown'})"
-    return dict(date=datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"), device_name=name,
+    return dict(date=datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+                device_name=device_name(device),
                 torch=torch.__version__, triton=triton_version, python=platform.python_version(),
                 cuda=torch.version.cuda)
 
