@@ -1,4 +1,6 @@
 """Config files, inheritance, dotted overrides, and errors that name the fix."""
+from concurrent.futures import ThreadPoolExecutor
+
 import pytest
 
 from ssm_tread.train.config import ConfigError, apply_overrides, load_config
@@ -30,6 +32,14 @@ def test_loads_do_not_leak_into_each_other():
     load_config("configs/dit_b2_tread.py")
     assert load_config("configs/dit_b2.py")["routing"]["routes"] == []
     assert load_config("configs/base.py")["model"]["name"] == "DiT-XL/2"
+
+
+def test_threads_load_configs_at_once():
+    # tools/bench/study.py loads configs from worker threads; each load edits sys.path and sys.modules
+    paths = ["configs/dit_b2_tread.py", "configs/zigma_b2.py", "configs/quickstart.py"] * 16
+    with ThreadPoolExecutor(max_workers=8) as pool:
+        names = list(pool.map(lambda path: load_config(path)["model"]["name"], paths))
+    assert names == ["DiT-B/2", "ZigMa-B/2", "DiM"] * 16
 
 
 def test_overrides_are_typed_by_the_value_they_replace():

@@ -23,6 +23,7 @@ import json
 import os
 import runpy
 import sys
+import threading
 import traceback
 from pathlib import Path
 
@@ -31,6 +32,7 @@ from ssm_tread.errors import UserError
 GROUPS = ("model", "routing", "diffusion", "data", "optim", "train", "log", "sample", "eval")
 STUDY = "study"  # the optional grid of a study file
 DEFAULT_BASE = Path(__file__).resolve().parents[2] / "configs" / "base.py"
+_IMPORTING = threading.Lock()  # running a config edits sys.path and sys.modules: one thread at a time
 
 
 class ConfigError(UserError, ValueError):
@@ -44,6 +46,11 @@ def _exec_config(path: Path) -> dict:
 
     The modules it imports from there are loaded fresh and forgotten afterwards.
     """
+    with _IMPORTING:
+        return _exec_config_locked(path)
+
+
+def _exec_config_locked(path: Path) -> dict:
     folders = list(dict.fromkeys([str(path.parent), str(DEFAULT_BASE.parent)]))
     siblings = {p.stem for folder in folders for p in Path(folder).glob("*.py")}
     stashed = {name: sys.modules.pop(name) for name in siblings if name in sys.modules}
