@@ -204,10 +204,14 @@ def load_newest_good(folder: str | os.PathLike, say=print) -> dict | None:
     return None
 
 
-def load_weights(model: torch.nn.Module, weights: dict, source: str) -> None:
-    """Load a state dict, failing with the mismatching keys listed when it does not fit ``model``."""
+def load_weights(model: torch.nn.Module, weights: dict, source: str, keep_initialised: tuple[str, ...] = ()) -> None:
+    """Load a state dict, failing with the mismatching keys listed when it does not fit ``model``.
+
+    Parameters whose names start with a prefix in ``keep_initialised`` may be missing from ``weights``;
+    they keep the model's values.
+    """
     expected = model.state_dict()
-    missing = [k for k in expected if k not in weights]
+    missing = [k for k in expected if k not in weights and not k.startswith(keep_initialised)]
     unexpected = [k for k in weights if k not in expected]
     wrong = [f"{k}: checkpoint {list(weights[k].shape)} vs model {list(v.shape)}"
              for k, v in expected.items() if k in weights and weights[k].shape != v.shape]
@@ -222,4 +226,4 @@ def load_weights(model: torch.nn.Module, weights: dict, source: str) -> None:
                      "(its resolved config is saved in the checkpoint and in the run's config.json), "
                      "or start a fresh run in another train.run_dir")
         raise CheckpointError("\n".join(lines))
-    model.load_state_dict(weights)
+    model.load_state_dict({**expected, **weights})

@@ -101,13 +101,18 @@ def load_for_sampling(checkpoint: str | os.PathLike, device: torch.device, use_e
 
 
 def make_labels(num_images: int, num_classes: int, mode: str, seed: int) -> torch.Tensor:
-    """``num_images`` labels: "random" (uniform) or "balanced" (each class equally often, shuffled)."""
+    """``num_images`` labels: "random" (uniform) or "balanced" (each class equally often, shuffled).
+
+    An unconditional model (``num_classes=0``) gets zeros, which it ignores.
+    """
     generator = torch.Generator().manual_seed(seed)
+    if mode not in ("random", "balanced"):
+        raise ValueError(f"unknown label mode {mode!r}; choose 'random' or 'balanced'")
+    if num_classes == 0:
+        return torch.zeros(num_images, dtype=torch.long)
     if mode == "random":
         return torch.randint(0, num_classes, (num_images,), generator=generator)
-    if mode == "balanced":
-        return (torch.arange(num_images) % num_classes)[torch.randperm(num_images, generator=generator)]
-    raise ValueError(f"unknown label mode {mode!r}; choose 'random' or 'balanced'")
+    return (torch.arange(num_images) % num_classes)[torch.randperm(num_images, generator=generator)]
 
 
 def chunk_generator(seed: int, chunk: int, device: torch.device) -> torch.Generator:
@@ -135,6 +140,7 @@ def sample_chunks(model, diffusion, out: str | os.PathLike, labels: torch.Tensor
 
     folder = Path(str(out) + ".chunks")
     plan = {"num_images": len(labels), "batch_size": batch_size, "seed": seed, "labels": labels.tolist(),
+            "conditional": model.num_classes > 0,
             "sample": {k: sample_cfg[k] for k in ("sampler", "steps", "cfg_scale", "interval",
                                                   "guided_channels", "routing_guidance")}}
     plan_path = folder / "plan.json"
@@ -163,7 +169,8 @@ def sample_chunks(model, diffusion, out: str | os.PathLike, labels: torch.Tensor
 
 
 def merge_chunks(folder: str | os.PathLike, out: str | os.PathLike) -> Path:
-    """Stream every chunk of ``folder`` into one ADM-format .npz: ``arr_0`` uint8 [N, H, W, 3], ``arr_1`` labels."""
+    """Stream every chunk of ``folder`` into one ADM-format .npz: ``arr_0`` uint8 [N, H, W, 3], ``arr_1`` labels
+    (absent for an unconditional model)."""
     folder, out = Path(folder), Path(out)
     plan = json.loads((folder / "plan.json").read_text())
     count = math.ceil(plan["num_images"] / plan["batch_size"])
@@ -179,8 +186,9 @@ def merge_chunks(folder: str | os.PathLike, out: str | os.PathLike) -> Path:
             np.lib.format.write_array_header_1_0(f, {"descr": "|u1", "fortran_order": False, "shape": shape})
             for path in paths:
                 f.write(np.ascontiguousarray(np.load(path)["images"]).tobytes())
-        with archive.open("arr_1.npy", "w") as f:
-            np.lib.format.write_array(f, np.asarray(plan["labels"], dtype=np.int64))
+        if plan["conditional"]:
+            with archive.open("arr_1.npy", "w") as f:
+                np.lib.format.write_array(f, np.asarray(plan["labels"], dtype=np.int64))
     os.replace(tmp, out)
     return out
 
@@ -193,19 +201,29 @@ def _setup(checkpoint, sample_overrides: dict, use_ema: bool, device: torch.devi
     sample_cfg = {**cfg["sample"], **{k: v for k, v in sample_overrides.items() if v is not None}}
     check_choice("sampler", sample_cfg["sampler"] or diffusion.default_sampler, diffusion.samplers)
     make_guidance(sample_cfg)  # raises for a bad interval or routing guidance
+    if model.num_classes == 0 and sample_cfg["cfg_scale"] != 1.0:
+        raise ValueError(f"cfg scale {sample_cfg['cfg_scale']}: the model is unconditional (no classes), so there "
+                         f"is nothing to guide towards; sample with --cfg-scale 1")
     decode = load_vae(sample_cfg["vae"], device) if cfg["data"]["name"] == "latents" else None
     return model, diffusion, sample_cfg, decode
 
 
-def sample_grid_file(checkpoint, out: str | os.PathLike, classes: list[int], per_class: int,
-                     sample_overrides: dict | None = None, use_ema: bool = True, device: str | None = None) -> Path:
-    """A PNG with one row of ``per_class`` samples per class in ``classes``."""
+def sample_grid_file(checkpoint, out: str | os.PathLike, classes: list[int] | None, per_class: int,
+                     sample_overrides: dict | None = None, use_ema: bool = True, device: str | None = None,
+                     num_images: int | None = None) -> Path:
+    """A PNG with one row of ``per_class`` samples per class in ``classes``; or, with ``classes=None``,
+    ``num_images`` samples in rows of ``per_class`` (random labels; the only grid of an unconditional model)."""
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     model, diffusion, sample_cfg, decode = _setup(checkpoint, sample_overrides or {}, use_ema, device)
-    bad = [c for c in classes if not 0 <= c < model.num_classes]
-    if bad:
+    if classes is None:
+        labels = make_labels(num_images, model.num_classes, "random", sample_cfg["seed"]).to(device)
+    elif model.num_classes == 0:
+        raise ValueError("the model is unconditional (no classes): ask for a number of images instead "
+                         "(tools/sample.py --num-images N)")
+    elif bad := [c for c in classes if not 0 <= c < model.num_classes]:
         raise ValueError(f"classes {bad} out of range: the model has classes 0..{model.num_classes - 1}")
-    labels = grid_labels(classes, per_class, device)
+    else:
+        labels = grid_labels(classes, per_class, device)
     generator = torch.Generator(device).manual_seed(sample_cfg["seed"])
     shape = (model.in_channels, *(model.input_size if isinstance(model.input_size, tuple)
                                   else (model.input_size, model.input_size)))

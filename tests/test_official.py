@@ -11,9 +11,11 @@ import math
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from PIL import Image
 
 from ssm_tread import sampling
 from ssm_tread.diffusion import GaussianDiffusion
@@ -39,10 +41,10 @@ def mixer_shapes(d, k):
     }
 
 
-def zigma_layout(d, depth, size, classes=CLASSES):
+def zigma_layout(d, depth, size, classes=CLASSES, channels=C):
     n = (size // P) ** 2
     shapes = {
-        "pos_embed": (1, n, d), "x_embedder.proj.weight": (d, C, P, P), "x_embedder.proj.bias": (d,),
+        "pos_embed": (1, n, d), "x_embedder.proj.weight": (d, channels, P, P), "x_embedder.proj.bias": (d,),
         "t_embedder.mlp.0.weight": (d, 256), "t_embedder.mlp.0.bias": (d,),
         "t_embedder.mlp.2.weight": (d, d), "t_embedder.mlp.2.bias": (d,),
     }
@@ -52,7 +54,7 @@ def zigma_layout(d, depth, size, classes=CLASSES):
         shapes.update({f"blocks.{i}.mixer.{k}": v for k, v in mixer_shapes(d, 4).items()})
         shapes.update({f"blocks.{i}.norm.weight": (d,), f"blocks.{i}.adaLN_modulation.1.weight": (3 * d, d),
                        f"blocks.{i}.adaLN_modulation.1.bias": (3 * d,)})
-    shapes.update({"final_layer.linear.weight": (P * P * C, d), "final_layer.linear.bias": (P * P * C,),
+    shapes.update({"final_layer.linear.weight": (P * P * channels, d), "final_layer.linear.bias": (P * P * channels,),
                    "norm_f.weight": (d,)})
     return shapes
 
@@ -424,3 +426,57 @@ def test_converted_checkpoint_initialises_fine_tuning(converted, tmp_path):
     cfg = load_config("configs/quickstart.py", [*tiny, wrong, f"train.init_from={run_dir}", f"train.run_dir={tmp_path / 'b'}"])
     with pytest.raises(CheckpointError, match="train.init_from"):
         train(cfg)
+
+
+# An official ZigMa image model is unconditional: tools/sample.py samples it without labels, and it
+# initialises a class-conditional fine-tuning run whose label table starts fresh
+
+
+@pytest.fixture(scope="module")
+def converted_zigma(tmp_path_factory):
+    """A random unconditional official ZigMa for the digits (1x16x16), converted."""
+    folder = tmp_path_factory.mktemp("convert_zigma")
+    official = random_state(zigma_layout(32, 3, 16, classes=0, channels=1))
+    torch.save(official, folder / "zigma.pt")
+    out = folder / "zigma_official" / "checkpoints" / "step-0000000.pt"
+    done = subprocess.run([sys.executable, "tools/convert_checkpoint.py", "--arch", "zigma", str(folder / "zigma.pt"),
+                           str(out), "--config", "configs/quickstart.py", "log.tensorboard=false"],
+                          capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    return official, out.parents[1]
+
+
+def sample_tool(*args):
+    return subprocess.run([sys.executable, "tools/sample.py", *map(str, args), "--steps", "1", "--batch-size", "3"],
+                          capture_output=True, text=True, timeout=300)
+
+
+def test_unconditional_zigma_samples_without_labels(converted_zigma, tmp_path):
+    _, run_dir = converted_zigma
+    done = sample_tool(run_dir, "--num-images", 5, "--out", tmp_path / "s.npz")
+    assert done.returncode == 0, done.stderr[-2000:]
+    data = np.load(tmp_path / "s.npz")
+    assert list(data) == ["arr_0"] and data["arr_0"].shape == (5, 16, 16, 3)  # an ADM batch with no labels
+    done = sample_tool(run_dir, "--num-images", 6, "--per-class", 3, "--out", tmp_path / "grid.png")
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert Image.open(tmp_path / "grid.png").size == (3 * 66 + 2, 2 * 66 + 2)  # 6 images in rows of 3, 64 px + 2 px gaps
+    for bad, message in ((["--classes", 0], "unconditional"), (["--num-images", 2, "--cfg-scale", 2], "--cfg-scale 1")):
+        done = sample_tool(run_dir, *bad, "--out", tmp_path / "bad.png")
+        assert done.returncode != 0 and message in done.stderr and len(done.stderr.strip().splitlines()) == 1, done.stderr
+    assert not (tmp_path / "bad.png").exists()
+
+
+def test_unconditional_zigma_initialises_a_class_conditional_run(converted_zigma, tmp_path, capsys):
+    official, run_dir = converted_zigma
+    tiny = ["model.name=ZigMa", "model.learn_sigma=false", "model.kwargs={'hidden_size': 32, 'depth': 3, 'patch_size': 2}",
+            "routing.routes=[(1, 1, 0.5)]", "train.batch_size=4", "train.steps=1", "log.tensorboard=false",
+            "log.progress=false", "eval.num_samples=0", "sample.steps=2", "sample.grid_classes=[0]",
+            "sample.grid_per_class=1", "train.ckpt_every=0", f"train.init_from={run_dir}", f"train.run_dir={tmp_path}"]
+    cfg = load_config("configs/quickstart.py", tiny)
+    cfg["optim"].update(lr=1e-12, min_lr=0.0)
+    weights = torch.load(train(cfg)["checkpoint"], weights_only=True)["model"]
+    assert "unconditional" in capsys.readouterr().out
+    ours = to_official("ZigMa", weights)
+    assert ours["y_embedder.embedding_table.weight"].shape == (CLASSES + 1, 32)  # the digits' classes and a null row
+    for key, value in official.items():
+        torch.testing.assert_close(ours[key], value, rtol=0, atol=1e-9)

@@ -1,12 +1,14 @@
 """Sample from a trained model: a PNG grid for chosen classes, or N images in an ADM-format .npz.
 
     python tools/sample.py runs/quickstart --classes 0 1 2 3 --per-class 8 --out grid.png
+    python tools/sample.py runs/zigma_official --num-images 64 --out grid.png   # random labels, or none
     torchrun --nproc_per_node=8 tools/sample.py runs/dit_xl2_tread --num-images 50000 --out samples.npz \\
         --cfg-scale 1.5 --labels balanced
 
 CHECKPOINT is a checkpoint file or a run directory (its newest checkpoint). Sampling settings default
 to the run's `sample` config; the options below override them. A restarted .npz job skips the chunks
-it already finished.
+it already finished. An unconditional model (e.g. a converted official ZigMa) takes --num-images, not
+--classes, and needs --cfg-scale 1; its .npz has no labels (arr_1).
 """
 import argparse
 import os
@@ -23,10 +25,10 @@ from tools.cli import ArgumentParser, positive_int, run_tool
 def main():
     parser = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("checkpoint", help="checkpoint file or run directory")
-    parser.add_argument("--out", required=True, help="output .png (grid) or .npz (--num-images)")
+    parser.add_argument("--out", required=True, help="output .png (a grid) or .npz (--num-images)")
     parser.add_argument("--classes", type=int, nargs="+", help="grid: one row per class")
-    parser.add_argument("--per-class", type=positive_int, default=8, help="grid: samples per class")
-    parser.add_argument("--num-images", type=positive_int, help="npz: number of images")
+    parser.add_argument("--per-class", type=positive_int, default=8, help="grid: samples per class (per row)")
+    parser.add_argument("--num-images", type=positive_int, help="number of images (an .npz, or a grid for a .png)")
     parser.add_argument("--labels", choices=["random", "balanced"], default="random", help="npz: label draw")
     parser.add_argument("--raw", action="store_true", help="sample with the raw weights instead of the EMA")
     parser.add_argument("--sampler", help="ddpm/ddim (ddpm objective) or euler/heun/euler_maruyama (flow)")
@@ -42,15 +44,17 @@ def main():
     parser.add_argument("--vae", help="local copy of stabilityai/sd-vae-ft-ema (latent models)")
     args = parser.parse_args()
     if (args.classes is None) == (args.num_images is None):
-        parser.error("give either --classes (a PNG grid) or --num-images (an .npz)")
+        parser.error("give either --classes (a PNG grid of chosen classes) or --num-images (an .npz, or a PNG grid)")
+    grid = args.classes is not None or args.out.lower().endswith(".png")
     overrides = {"sampler": args.sampler, "steps": args.steps, "cfg_scale": args.cfg_scale,
                  "interval": tuple(args.interval) if args.interval else None, "guided_channels": args.guided_channels,
                  "routing_guidance": tuple(args.routing_guidance) if args.routing_guidance else None,
                  "seed": args.seed, "batch_size": args.batch_size, "vae": args.vae}
     from ssm_tread.sampling import sample_grid_file, sample_npz_file
 
-    if args.classes is not None:
-        path = sample_grid_file(args.checkpoint, args.out, args.classes, args.per_class, overrides, not args.raw)
+    if grid:
+        path = sample_grid_file(args.checkpoint, args.out, args.classes, args.per_class, overrides, not args.raw,
+                                num_images=args.num_images)
     else:
         path = sample_npz_file(args.checkpoint, args.out, args.num_images, args.labels, overrides, not args.raw)
     if path is not None:

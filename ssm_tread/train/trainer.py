@@ -276,7 +276,12 @@ def build_state(cfg: dict, accelerator, run_dir: Path, dataset, state: dict | No
     model = create_model(model_name, **model_kwargs).to(device)
     if state is None and tc["init_from"]:  # fine-tuning: a fresh run from another run's (or a converted) EMA weights
         init = load_checkpoint(tc["init_from"])
-        load_weights(model, init.get("ema", init["model"]), f"train.init_from={tc['init_from']!r}")
+        # an unconditional checkpoint (e.g. an official ZigMa) starts a class-conditional model: new label table
+        new_labels = init.get("model_kwargs", {}).get("num_classes") == 0 and model.num_classes > 0
+        load_weights(model, init.get("ema", init["model"]), f"train.init_from={tc['init_from']!r}",
+                     keep_initialised=("y_embedder.",) if new_labels else ())
+        if new_labels and rank == 0:
+            print("train.init_from: the checkpoint is unconditional; the label embedding starts from its initialisation")
     macs = count_macs(model, routed=True)
     ema = EMA(model, tc["ema_decay"])
     generators = {"noise": torch.Generator(device).manual_seed(tc["seed"]),
