@@ -404,7 +404,7 @@ def test_converted_checkpoint_samples_with_the_official_conventions(converted, t
     torch.testing.assert_close(diffusion.betas, betas)
     assert diffusion.model_time(torch.tensor([0, 999])).tolist() == [1.0, 1000.0]  # DiM is fed n = 1..1000
     assert diffusion.respace(50).model_time(torch.tensor([49])).item() == 1000.0
-    assert (cfg["sample"]["sampler"], cfg["sample"]["steps"], cfg["sample"]["cfg_scale"]) == ("ddim", 50, 1.4)
+    assert (cfg["sample"]["sampler"], cfg["sample"]["steps"], cfg["sample"]["cfg_scale"]) == ("dpm_solver", 50, 1.4)
     out = sampling.sample_grid_file(run_dir, tmp_path / "grid.png", [0, 1], per_class=1, sample_overrides={"steps": 2})
     assert out.is_file()
 

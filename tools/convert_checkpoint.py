@@ -11,7 +11,8 @@ preferred. The model's sizes are read off the weights (``--set`` overrides our c
 OUT: a checkpoint in this project's format: the weights as both ``model`` and ``ema``, ``model_name``
 and ``model_kwargs``, and a resolved ``config`` (``--config``, default configs/dim_l.py or
 configs/zigma_b2.py, plus overrides) with the official model's sampling conventions: for DiM the
-scaled-linear DDPM schedule with the model fed n = step + 1, 50 DDIM steps and guidance scale 1.4.
+scaled-linear DDPM schedule with the model fed n = step + 1, 50 DPM-Solver steps (the official evaluation's
+sampler) and guidance scale 1.4.
 """
 import argparse
 import ast
@@ -42,7 +43,7 @@ def converted_config(arch: str, kwargs: dict, config_path: str, overrides: list[
                         kwargs={k: v for k, v in kwargs.items() if k not in TRAINER_KEYS})
     if arch == "DiM":
         cfg["diffusion"] = {"objective": "ddpm", "kwargs": {"schedule": "scaled_linear", "timestep_offset": 1}}
-        cfg["sample"].update(sampler="ddim", steps=50, cfg_scale=1.4, guided_channels=None)
+        cfg["sample"].update(sampler="dpm_solver", steps=50, cfg_scale=1.4, guided_channels=None)
     elif kwargs["num_classes"] == 0:
         cfg["sample"]["cfg_scale"] = 1.0
     return cfg

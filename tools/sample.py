@@ -31,7 +31,7 @@ def main():
     parser.add_argument("--num-images", type=positive_int, help="number of images (an .npz, or a grid for a .png)")
     parser.add_argument("--labels", choices=["random", "balanced"], default="random", help="npz: label draw")
     parser.add_argument("--raw", action="store_true", help="sample with the raw weights instead of the EMA")
-    parser.add_argument("--sampler", help="ddpm/ddim (ddpm objective) or euler/heun/euler_maruyama (flow)")
+    parser.add_argument("--sampler", help="ddpm/ddim/dpm_solver (ddpm objective) or euler/heun/euler_maruyama (flow)")
     parser.add_argument("--steps", type=positive_int, help="number of sampling steps")
     parser.add_argument("--cfg-scale", type=float, help="classifier-free guidance scale (1: none)")
     parser.add_argument("--interval", type=float, nargs=2, metavar=("LO", "HI"),

@@ -17,6 +17,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ssm_tread.diffusion.common import check_choice, model_forward, randint, randn, reduce_loss
+from ssm_tread.diffusion.dpm_solver import DiscreteSchedule, dpm_solver_sample
 
 
 def linear_betas(num_timesteps: int) -> torch.Tensor:
@@ -98,9 +99,9 @@ class GaussianDiffusion:
     (DiM, U-ViT) rather than 0..T-1."""
 
     objective = "ddpm"
-    samplers = ("ddpm", "ddim")
+    samplers = ("ddpm", "ddim", "dpm_solver")
     default_sampler = "ddpm"
-    default_steps = {"ddpm": 250, "ddim": 50}
+    default_steps = {"ddpm": 250, "ddim": 50, "dpm_solver": 50}
 
     def __init__(
         self,
@@ -247,15 +248,19 @@ class GaussianDiffusion:
     def sample(
         self, model, noise, model_kwargs=None, sampler=None, steps=None, guidance=None, progress=False, generator=None
     ) -> torch.Tensor:
-        """Denoise ``noise`` [B, C, H, W] into x0 with ``sampler`` ("ddpm" ancestral or "ddim").
+        """Denoise ``noise`` [B, C, H, W] into x0 with ``sampler`` ("ddpm" ancestral, "ddim", or "dpm_solver":
+        DPM-Solver++ as in the official DiM evaluation, see :mod:`ssm_tread.diffusion.dpm_solver`).
 
-        steps: a respacing spec for :func:`space_timesteps` (an int N or "N": N evenly spaced steps;
-        "ddimN": DDIM's strided spacing); default ``default_steps[sampler]``.
+        steps: for ddpm and ddim a respacing spec for :func:`space_timesteps` (an int N or "N": N evenly
+        spaced steps; "ddimN": DDIM's strided spacing); for dpm_solver the number of model evaluations;
+        default ``default_steps[sampler]``.
         """
         sampler = sampler or self.default_sampler
         check_choice("sampler", sampler, self.samplers)
-        spaced = self.respace(steps or self.default_steps[sampler])
         model_kwargs = model_kwargs or {}
+        if sampler == "dpm_solver":
+            return self.dpm_solver(model, noise, model_kwargs, steps or self.default_steps[sampler], guidance)
+        spaced = self.respace(steps or self.default_steps[sampler])
         x = noise
         indices = range(spaced.num_timesteps - 1, -1, -1)
         for i in tqdm(indices, disable=not progress):
@@ -273,6 +278,28 @@ class GaussianDiffusion:
             else:
                 x = spaced.ddim_step(x, t, pred, generator)
         return x
+
+    def dpm_solver(self, model, noise: torch.Tensor, model_kwargs: dict, steps: int, guidance=None) -> torch.Tensor:
+        """DPM-Solver++ with ``steps`` model evaluations from ``noise`` [B, C, H, W] at t = 1 to x0.
+
+        At continuous time t the model receives the timestep ``T t - 1`` (+ ``timestep_offset``) and
+        predicts the noise (a learned-variance model's first C channels)."""
+        if not isinstance(steps, int):
+            raise ValueError(f"dpm_solver takes a number of model evaluations, got steps={steps!r}")
+        if len(self.timestep_map) != self.original_num_timesteps:
+            raise ValueError("dpm_solver needs the full schedule, not a respaced one")
+        schedule, last = DiscreteSchedule(self.alphas_cumprod), self.num_timesteps - 1
+
+        def data_prediction(x: torch.Tensor, t: float) -> torch.Tensor:
+            timestep = self.num_timesteps * t - 1  # the training timestep, continuous: 0..T-1
+            model_t = torch.full((x.shape[0],), timestep + self.timestep_offset, device=x.device)
+            if guidance is None:
+                out = model(x, model_t, **model_kwargs)
+            else:
+                out = guidance(model, x, model_t, model_kwargs, timestep / last)
+            return (x - schedule.sigma(t) * out[:, :x.shape[1]]) / schedule.alpha(t)
+
+        return dpm_solver_sample(data_prediction, noise, schedule, steps)
 
     def ddim_step(self, x_t: torch.Tensor, t: torch.Tensor, pred: dict, generator=None) -> torch.Tensor:
         """x_{t-1} = sqrt(abar_prev) x0 + sqrt(1 - abar_prev - sigma^2) eps + sigma z, sigma scaled by ddim_eta."""

@@ -117,7 +117,9 @@ def _check_sampling(cfg: dict, problems: _Problems) -> None:
     steps, respace = sc["steps"], getattr(diffusion, "respace", None)  # ddpm also takes a spacing like "ddim50"
     if steps is not None and not (isinstance(steps, int) and steps >= 1 or respace and isinstance(steps, str)):
         problems.add("sample.steps", steps, "must be a positive integer", "e.g. sample.steps=50, or None")
-    elif steps is not None and respace:
+    elif sc["sampler"] == "dpm_solver" and not (steps is None or isinstance(steps, int)):
+        problems.add("sample.steps", steps, "dpm_solver takes a number of model evaluations", "e.g. sample.steps=50")
+    elif steps is not None and respace and sc["sampler"] != "dpm_solver":
         try:
             respace(steps)
         except ValueError as e:
