@@ -380,18 +380,24 @@ def test_a_zigma_null_class_row_loads_when_label_dropout_is_asked_for():
 # initialises a fine-tuning run
 
 
-@pytest.fixture(scope="module")
-def converted(tmp_path_factory):
-    """A random official DiM for the digits (1x16x16, 10 classes), nested as a released file, converted."""
-    folder = tmp_path_factory.mktemp("convert")
-    official = random_state(dim_layout(32, 3, 16, channels=1))
-    torch.save({"ema": {f"module.{k}": v for k, v in official.items()}}, folder / "nnet_ema.pth")
-    out = folder / "dim_official" / "checkpoints" / "step-0000000.pt"
-    done = subprocess.run([sys.executable, "tools/convert_checkpoint.py", "--arch", "dim", str(folder / "nnet_ema.pth"),
+def convert_with_the_tool(arch: str, released, folder):
+    """Save ``released`` as an official checkpoint file, convert it with tools/convert_checkpoint.py for the
+    digits config; returns the converted run dir."""
+    torch.save(released, folder / "official.pth")
+    out = folder / "converted" / "checkpoints" / "step-0000000.pt"
+    done = subprocess.run([sys.executable, "tools/convert_checkpoint.py", "--arch", arch, str(folder / "official.pth"),
                            str(out), "--config", "configs/quickstart.py", "log.tensorboard=false"],
                           capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
-    return official, out.parents[1]
+    return out.parents[1]
+
+
+@pytest.fixture(scope="module")
+def converted(tmp_path_factory):
+    """A random official DiM for the digits (1x16x16, 10 classes), nested as a released file, converted."""
+    official = random_state(dim_layout(32, 3, 16, channels=1))
+    released = {"ema": {f"module.{k}": v for k, v in official.items()}}
+    return official, convert_with_the_tool("dim", released, tmp_path_factory.mktemp("convert"))
 
 
 def test_converted_checkpoint_samples_with_the_official_conventions(converted, tmp_path):
@@ -435,15 +441,8 @@ def test_converted_checkpoint_initialises_fine_tuning(converted, tmp_path):
 @pytest.fixture(scope="module")
 def converted_zigma(tmp_path_factory):
     """A random unconditional official ZigMa for the digits (1x16x16), converted."""
-    folder = tmp_path_factory.mktemp("convert_zigma")
     official = random_state(zigma_layout(32, 3, 16, classes=0, channels=1))
-    torch.save(official, folder / "zigma.pt")
-    out = folder / "zigma_official" / "checkpoints" / "step-0000000.pt"
-    done = subprocess.run([sys.executable, "tools/convert_checkpoint.py", "--arch", "zigma", str(folder / "zigma.pt"),
-                           str(out), "--config", "configs/quickstart.py", "log.tensorboard=false"],
-                          capture_output=True, text=True)
-    assert done.returncode == 0, done.stderr
-    return official, out.parents[1]
+    return official, convert_with_the_tool("zigma", official, tmp_path_factory.mktemp("convert_zigma"))
 
 
 def sample_tool(*args):
