@@ -210,13 +210,16 @@ def _setup(checkpoint, sample_overrides: dict, use_ema: bool, device: torch.devi
 
 def sample_grid_file(checkpoint, out: str | os.PathLike, classes: list[int] | None, per_class: int,
                      sample_overrides: dict | None = None, use_ema: bool = True, device: str | None = None,
-                     num_images: int | None = None) -> Path:
+                     num_images: int | None = None, label_mode: str = "random") -> Path:
     """A PNG with one row of ``per_class`` samples per class in ``classes``; or, with ``classes=None``,
-    ``num_images`` samples in rows of ``per_class`` (random labels; the only grid of an unconditional model)."""
+    ``num_images`` samples in rows of ``per_class``, their labels drawn as :func:`make_labels`'s ``label_mode``
+    says (the only grid of an unconditional model)."""
+    if (classes is None) == (num_images is None):
+        raise ValueError("a grid needs either classes or a number of images")
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     model, diffusion, sample_cfg, decode = _setup(checkpoint, sample_overrides or {}, use_ema, device)
     if classes is None:
-        labels = make_labels(num_images, model.num_classes, "random", sample_cfg["seed"]).to(device)
+        labels = make_labels(num_images, model.num_classes, label_mode, sample_cfg["seed"]).to(device)
     elif model.num_classes == 0:
         raise ValueError("the model is unconditional (no classes): ask for a number of images instead "
                          "(tools/sample.py --num-images N)")

@@ -30,6 +30,15 @@ def test_grid_for_chosen_classes(run_dir, tmp_path):
     assert width > height > 0
 
 
+def test_grid_of_a_number_of_images(run_dir, tmp_path):
+    from PIL import Image
+    out = sampling.sample_grid_file(run_dir, tmp_path / "grid.png", None, per_class=4, num_images=8,
+                                    label_mode="balanced")
+    assert Image.open(out).size == (4 * 66 + 2, 2 * 66 + 2)  # 16 px digits shown at 64 px, 2 px gaps
+    with pytest.raises(ValueError, match="either classes or a number of images"):
+        sampling.sample_grid_file(run_dir, tmp_path / "none.png", None, per_class=4)
+
+
 def test_npz_chunks_resume_and_merge(run_dir, tmp_path, monkeypatch):
     out = tmp_path / "samples.npz"
     model, diffusion, cfg = sampling.load_for_sampling(run_dir, torch.device("cpu"))

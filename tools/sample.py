@@ -29,7 +29,7 @@ def main():
     parser.add_argument("--classes", type=int, nargs="+", help="grid: one row per class")
     parser.add_argument("--per-class", type=positive_int, default=8, help="grid: samples per class (per row)")
     parser.add_argument("--num-images", type=positive_int, help="number of images (an .npz, or a grid for a .png)")
-    parser.add_argument("--labels", choices=["random", "balanced"], default="random", help="npz: label draw")
+    parser.add_argument("--labels", choices=["random", "balanced"], default="random", help="label draw for --num-images")
     parser.add_argument("--raw", action="store_true", help="sample with the raw weights instead of the EMA")
     parser.add_argument("--sampler", help="ddpm/ddim/dpm_solver (ddpm objective) or euler/heun/euler_maruyama (flow)")
     parser.add_argument("--steps", type=positive_int, help="number of sampling steps")
@@ -54,7 +54,7 @@ def main():
 
     if grid:
         path = sample_grid_file(args.checkpoint, args.out, args.classes, args.per_class, overrides, not args.raw,
-                                num_images=args.num_images)
+                                num_images=args.num_images, label_mode=args.labels)
     else:
         path = sample_npz_file(args.checkpoint, args.out, args.num_images, args.labels, overrides, not args.raw)
     if path is not None:
