@@ -77,20 +77,20 @@ def dpm_solver_update(data_prediction, x: torch.Tensor, schedule: DiscreteSchedu
     h = lam(t) - lam(s)
     d_s = data_prediction(x, s)
 
-    def first_order(to: float, fraction: float) -> torch.Tensor:
-        return (sigma(to) / sigma(s)) * x - alpha(to) * math.expm1(-fraction * h) * d_s
+    def first_order(to: float) -> torch.Tensor:  # DPM-Solver-1 (DDIM) from s to ``to``
+        return (sigma(to) / sigma(s)) * x - alpha(to) * math.expm1(lam(s) - lam(to)) * d_s
 
     order = len(times) - 1
     if order == 1:
-        return first_order(t, 1.0)
+        return first_order(t)
     r1 = (lam(times[1]) - lam(s)) / h
-    d_1 = data_prediction(first_order(times[1], r1), times[1])
+    d_1 = data_prediction(first_order(times[1]), times[1])
     phi_1 = math.expm1(-h)
     if order == 2:
-        return first_order(t, 1.0) - (0.5 / r1) * alpha(t) * phi_1 * (d_1 - d_s)
+        return first_order(t) - (0.5 / r1) * alpha(t) * phi_1 * (d_1 - d_s)
     r2 = (lam(times[2]) - lam(s)) / h
     phi_22 = math.expm1(-r2 * h) / (r2 * h) + 1
-    x_2 = first_order(times[2], r2) + (r2 / r1) * alpha(times[2]) * phi_22 * (d_1 - d_s)
+    x_2 = first_order(times[2]) + (r2 / r1) * alpha(times[2]) * phi_22 * (d_1 - d_s)
     d_2 = data_prediction(x_2, times[2])
     phi_2 = phi_1 / h + 1
-    return first_order(t, 1.0) + (1 / r2) * alpha(t) * phi_2 * (d_2 - d_s)
+    return first_order(t) + (1 / r2) * alpha(t) * phi_2 * (d_2 - d_s)
