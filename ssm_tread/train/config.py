@@ -32,7 +32,7 @@ from ssm_tread.errors import UserError
 GROUPS = ("model", "routing", "diffusion", "data", "optim", "train", "log", "sample", "eval")
 STUDY = "study"  # the optional grid of a study file
 DEFAULT_BASE = Path(__file__).resolve().parents[2] / "configs" / "base.py"
-_IMPORTING = threading.Lock()  # running a config edits sys.path and sys.modules: one thread at a time
+_IMPORTING = threading.Lock()  # held while a config file runs (see _exec_config)
 
 
 class ConfigError(UserError, ValueError):
@@ -44,32 +44,30 @@ class ConfigError(UserError, ValueError):
 def _exec_config(path: Path) -> dict:
     """Run a config file with its own directory, then the project's configs/, importable.
 
-    The modules it imports from there are loaded fresh and forgotten afterwards.
+    The modules it imports from there are loaded fresh and forgotten afterwards. This edits sys.path and
+    sys.modules, so one thread at a time runs a config.
     """
-    with _IMPORTING:
-        return _exec_config_locked(path)
-
-
-def _exec_config_locked(path: Path) -> dict:
     folders = list(dict.fromkeys([str(path.parent), str(DEFAULT_BASE.parent)]))
     siblings = {p.stem for folder in folders for p in Path(folder).glob("*.py")}
-    stashed = {name: sys.modules.pop(name) for name in siblings if name in sys.modules}
-    sys.path[:0] = folders
-    try:
-        namespace = runpy.run_path(str(path))
-    except SyntaxError as e:
-        raise ConfigError(f"{e.filename}:{e.lineno}: syntax error ({e.msg}) in a config file; fix that line") from None
-    except Exception as e:
-        frames = [f for f in traceback.extract_tb(e.__traceback__) if Path(f.filename).parent in map(Path, folders)]
-        where = f"{frames[-1].filename}:{frames[-1].lineno}" if frames else str(path)
-        raise ConfigError(f"{where}: {type(e).__name__}: {e} while running a config file; fix that line") from None
-    finally:
-        for folder in folders:
-            sys.path.remove(folder)
-        for name in siblings:
-            sys.modules.pop(name, None)
-        sys.modules.update(stashed)
-    return namespace
+    with _IMPORTING:
+        stashed = {name: sys.modules.pop(name) for name in siblings if name in sys.modules}
+        sys.path[:0] = folders
+        try:
+            return runpy.run_path(str(path))
+        except SyntaxError as e:
+            raise ConfigError(f"{e.filename}:{e.lineno}: syntax error ({e.msg}) in a config file; "
+                              f"fix that line") from None
+        except Exception as e:
+            frames = [f for f in traceback.extract_tb(e.__traceback__)
+                      if Path(f.filename).parent in map(Path, folders)]
+            where = f"{frames[-1].filename}:{frames[-1].lineno}" if frames else str(path)
+            raise ConfigError(f"{where}: {type(e).__name__}: {e} while running a config file; fix that line") from None
+        finally:
+            for folder in folders:
+                sys.path.remove(folder)
+            for name in siblings:
+                sys.modules.pop(name, None)
+            sys.modules.update(stashed)
 
 
 def _groups(namespace: dict, path: Path) -> dict:
@@ -173,6 +171,21 @@ def load_config(path: str | os.PathLike, overrides: list[str] = ()) -> dict:
     return cfg
 
 
+def defaults() -> dict:
+    """Every config group with its default values: the groups of configs/base.py."""
+    return _groups(_exec_config(DEFAULT_BASE), DEFAULT_BASE)
+
+
+def model_spec(cfg: dict, data) -> tuple[str, dict]:
+    """(create_model name, keyword arguments) of the run's model on ``data``: anything with the data set's
+    ``image_size``, ``channels`` and ``num_classes``."""
+    m, r = cfg["model"], cfg["routing"]
+    kwargs = dict(input_size=data.image_size, in_channels=data.channels, num_classes=data.num_classes,
+                  learn_sigma=m["learn_sigma"], class_dropout_prob=m["class_dropout_prob"],
+                  routes=[list(route) for route in r["routes"]], scan_consistent=r["scan_consistent"], **m["kwargs"])
+    return m["name"], kwargs
+
+
 def run_dir_of(cfg: dict) -> Path:
     return Path(cfg["train"]["run_dir"] or f"runs/{cfg['_name']}")
 
@@ -196,12 +209,13 @@ def resume_config(path: str | os.PathLike, overrides: list[str] = (), say=print)
     except ValueError as e:
         raise ConfigError(f"{saved} is not valid JSON ({e}); restore it, or resume without it by deleting it "
                           f"(the config file and the overrides given now then make the config)") from None
-    schema = _groups(_exec_config(DEFAULT_BASE), DEFAULT_BASE)
+    schema = defaults()
     for group in GROUPS:  # keys added to the code since the run started take their defaults
         run_cfg[group] = {**schema[group], **run_cfg.get(group, {})}
     check_keys({g: run_cfg[g] for g in GROUPS}, schema)
     apply_overrides(run_cfg, overrides)
-    differ = sorted(k for k, v in _flat(cfg).items() if _flat(run_cfg).get(k, v) != v)
+    resumed = _flat(run_cfg)
+    differ = sorted(k for k, v in _flat(cfg).items() if resumed.get(k, v) != v)
     if differ:
         say(f"resuming with the run's config {saved} plus the overrides given now; {Path(path).name} differs in "
             f"{', '.join(differ)} (ignored: give them as overrides to change them)")

@@ -10,10 +10,11 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from types import SimpleNamespace
 
 import torch
 
-from ssm_tread.train.config import DEFAULT_BASE, ConfigError, GROUPS, _exec_config, _groups
+from ssm_tread.train.config import GROUPS, ConfigError, defaults, model_spec
 
 SCHEDULES = ("constant", "cosine")
 PRECISIONS = ("bf16", "fp32")
@@ -80,13 +81,11 @@ def _check_model(cfg: dict, geometry: dict | None, problems: _Problems) -> None:
     from ssm_tread.models import create_model
 
     m, r = cfg["model"], cfg["routing"]
-    geometry = geometry or {"image_size": 32, "channels": 4, "num_classes": 1000}
+    data = SimpleNamespace(**(geometry or {"image_size": 32, "channels": 4, "num_classes": 1000}))
     try:
+        name, kwargs = model_spec(cfg, data)  # a keyword given twice (model.kwargs.num_classes) is a TypeError
         with torch.device("meta"):
-            create_model(m["name"], input_size=geometry["image_size"], in_channels=geometry["channels"],
-                         num_classes=geometry["num_classes"], learn_sigma=m["learn_sigma"],
-                         class_dropout_prob=m["class_dropout_prob"], routes=[list(x) for x in r["routes"]],
-                         scan_consistent=r["scan_consistent"], **m["kwargs"])
+            create_model(name, **kwargs)
     except (ValueError, TypeError, AssertionError) as e:
         message = str(e).splitlines()[0] if str(e) else type(e).__name__
         if "route" in message:
@@ -115,11 +114,15 @@ def _check_sampling(cfg: dict, problems: _Problems) -> None:
     if sc["sampler"] is not None:
         problems.choice("sample.sampler", sc["sampler"], diffusion.samplers)
     steps, respace = sc["steps"], getattr(diffusion, "respace", None)  # ddpm also takes a spacing like "ddim50"
-    if steps is not None and not (isinstance(steps, int) and steps >= 1 or respace and isinstance(steps, str)):
+    if steps is None:
+        pass
+    elif not (isinstance(steps, int) and steps >= 1 or respace and isinstance(steps, str)):
         problems.add("sample.steps", steps, "must be a positive integer", "e.g. sample.steps=50, or None")
-    elif sc["sampler"] == "dpm_solver" and not (steps is None or isinstance(steps, int)):
-        problems.add("sample.steps", steps, "dpm_solver takes a number of model evaluations", "e.g. sample.steps=50")
-    elif steps is not None and respace and sc["sampler"] != "dpm_solver":
+    elif sc["sampler"] == "dpm_solver":  # counts model evaluations: no respacing
+        if isinstance(steps, str):
+            problems.add("sample.steps", steps, "dpm_solver takes a number of model evaluations",
+                         "e.g. sample.steps=50")
+    elif respace:
         try:
             respace(steps)
         except ValueError as e:
@@ -234,7 +237,7 @@ def config_problems(cfg: dict, world: int = 1) -> list[str]:
     from ssm_tread.diffusion import LOSS_TYPES
     from ssm_tread.ops import BACKENDS
 
-    base = _groups(_exec_config(DEFAULT_BASE), DEFAULT_BASE)
+    base = defaults()
     problems = _Problems()
     for group in GROUPS:
         for key, default in base[group].items():

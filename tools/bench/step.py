@@ -31,9 +31,9 @@ import torch.nn as nn
 from ssm_tread.diffusion import create_diffusion
 from ssm_tread.models import count_macs, create_model
 from ssm_tread.routing import TokenRouter
+from ssm_tread.train.config import model_spec
 from ssm_tread.train.ema import EMA
 from ssm_tread.train.step import TrainStep, build_optimizer
-from ssm_tread.train.trainer import model_spec
 from tools.bench.env import device_name, quantiles, synchronize, timed_both
 
 MODES = ("baseline", "tread")  # A: no routing, B: the model's TREAD routes

@@ -28,8 +28,8 @@ from pathlib import Path
 from tqdm.auto import tqdm
 
 from ssm_tread.models import count_macs, create_model
-from ssm_tread.train.config import ConfigError, load_config, to_json
-from ssm_tread.train.trainer import build_dataset_from, model_spec
+from ssm_tread.train.config import ConfigError, load_config, model_spec, to_json
+from ssm_tread.train.trainer import build_dataset_from
 from tools.bench.study_report import MODES, run_key
 
 TRAIN = Path(__file__).resolve().parents[1] / "train.py"
