@@ -84,6 +84,12 @@ def save_grid(images: torch.Tensor, path: str | os.PathLike, ncol: int, min_size
     os.replace(tmp, path)
 
 
+def noise_shape(model) -> tuple[int, int, int]:
+    """[C, H, W] of one sample's starting noise: the model's input."""
+    size = model.input_size if isinstance(model.input_size, tuple) else (model.input_size, model.input_size)
+    return (model.in_channels, *size)
+
+
 def grid_labels(classes: list[int], per_class: int, device) -> torch.Tensor:
     """Labels of a grid with one block of ``per_class`` samples per class, class after class."""
     return torch.tensor(classes, device=device).repeat_interleave(per_class)
@@ -153,8 +159,7 @@ def sample_chunks(model, diffusion, out: str | os.PathLike, labels: torch.Tensor
     if json.loads(json.dumps(plan)) != json.loads(plan_path.read_text()):
         raise ValueError(f"{folder} holds chunks sampled with other settings; delete it or choose another output path")
     device = next(model.parameters()).device
-    shape = (model.in_channels, *(model.input_size if isinstance(model.input_size, tuple)
-                                  else (model.input_size, model.input_size)))
+    shape = noise_shape(model)
     mine = range(rank, math.ceil(len(labels) / batch_size), world)
     for i in tqdm(mine, disable=not progress, desc="chunks"):
         path = folder / f"chunk-{i:06d}.npz"
@@ -228,8 +233,7 @@ def sample_grid_file(checkpoint, out: str | os.PathLike, classes: list[int] | No
     else:
         labels = grid_labels(classes, per_class, device)
     generator = torch.Generator(device).manual_seed(sample_cfg["seed"])
-    shape = (model.in_channels, *(model.input_size if isinstance(model.input_size, tuple)
-                                  else (model.input_size, model.input_size)))
+    shape = noise_shape(model)
     images = []
     for y in labels.split(sample_cfg["batch_size"]):
         noise = torch.randn((len(y), *shape), generator=generator, device=device)

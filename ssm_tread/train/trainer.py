@@ -41,8 +41,8 @@ from ssm_tread.checkpoint import (
 from ssm_tread.errors import UserError
 from ssm_tread.models import count_macs
 from ssm_tread.ops import set_backend
-from ssm_tread.sampling import generate, grid_labels, load_vae, save_grid
-from ssm_tread.train.config import ConfigError, run_dir_of, save_config
+from ssm_tread.sampling import generate, grid_labels, load_vae, noise_shape, save_grid
+from ssm_tread.train.config import ConfigError, model_spec, run_dir_of, save_config
 from ssm_tread.train.distributed import gather_objects
 from ssm_tread.train.ema import EMA
 from ssm_tread.train.evaluation import Evaluation
@@ -73,15 +73,6 @@ def build_dataset_from(cfg: dict):
         return build_dataset("latents", root=data["root"], verify=data["verify"], progress=cfg["log"]["progress"],
                              **data["kwargs"])
     return build_dataset(data["name"], **data["kwargs"])
-
-
-def model_spec(cfg: dict, dataset) -> tuple[str, dict]:
-    """(create_model name, keyword arguments) of the run's model on ``dataset``."""
-    m, r = cfg["model"], cfg["routing"]
-    kwargs = dict(input_size=dataset.image_size, in_channels=dataset.channels, num_classes=dataset.num_classes,
-                  learn_sigma=m["learn_sigma"], class_dropout_prob=m["class_dropout_prob"],
-                  routes=[list(route) for route in r["routes"]], scan_consistent=r["scan_consistent"], **m["kwargs"])
-    return m["name"], kwargs
 
 
 def select_scan_backend(name: str | None) -> None:
@@ -281,7 +272,8 @@ def build_state(cfg: dict, accelerator, run_dir: Path, dataset, state: dict | No
         load_weights(model, init.get("ema", init["model"]), f"train.init_from={tc['init_from']!r}",
                      keep_initialised=("y_embedder.",) if new_labels else ())
         if new_labels and rank == 0:
-            print("train.init_from: the checkpoint is unconditional; the label embedding starts from its initialisation")
+            print("train.init_from: the checkpoint is unconditional; the label embedding starts from its "
+                  "initialisation")
     macs = count_macs(model, routed=True)
     ema = EMA(model, tc["ema_decay"])
     generators = {"noise": torch.Generator(device).manual_seed(tc["seed"]),
@@ -337,14 +329,13 @@ def open_outputs(run: Run, fresh: bool) -> None:
     run.last_ckpt = latest_checkpoint(run.ckpt_dir)
     run.metrics = Metrics(run.run_dir, lc["tensorboard"], run.step) if run.main else None
     if ec["num_samples"]:
-        run.evaluation = Evaluation(cfg, run.dataset.num_classes, sample_shape(run), run.diffusion, device,
+        run.evaluation = Evaluation(cfg, run.dataset.num_classes, noise_shape(run.raw_model), run.diffusion, device,
                                     run.decode, run.metrics, run.accelerator.process_index,
                                     run.accelerator.num_processes)
     if run.main:
         params = sum(p.numel() for p in run.raw_model.parameters())
-        macs = run.macs
         world, fsdp = run.accelerator.num_processes, is_sharded(run.raw_model)
-        print(f"{run.model_name}: {params / 1e6:.2f}M parameters, {macs / 1e9:.3f} GMACs/image routed; {world} "
+        print(f"{run.model_name}: {params / 1e6:.2f}M parameters, {run.macs / 1e9:.3f} GMACs/image routed; {world} "
               f"rank(s) on {device.type}{' (FSDP)' if fsdp else ''}, micro-batch {run.micro} x "
               f"{cfg['train']['grad_accum']} accumulation; run dir {run.run_dir}"
               + (f"; resuming from step {run.step}" if run.step else ""))
@@ -352,16 +343,12 @@ def open_outputs(run: Run, fresh: bool) -> None:
             print("train.fsdp: a single process has nothing to shard; it trains unsharded")
 
 
-def sample_shape(run: Run) -> tuple[int, int, int]:
-    return run.raw_model.in_channels, run.dataset.image_size, run.dataset.image_size
-
-
 def loop(run: Run) -> bool:
     """Train from ``run.step`` to ``train.steps``; returns True when a signal stopped the run (after a checkpoint)."""
     cfg, accelerator = run.cfg, run.accelerator
     tc, lc, ec = cfg["train"], cfg["log"], cfg["eval"]
     device, world, rank = accelerator.device, accelerator.num_processes, accelerator.process_index
-    shape, accum, micro = sample_shape(run), tc["grad_accum"], run.micro
+    shape, accum, micro = noise_shape(run.raw_model), tc["grad_accum"], run.micro
     window = Window(run.clock)
     bar = tqdm(total=tc["steps"], initial=run.step, disable=not (run.main and lc["progress"]), dynamic_ncols=True)
     stop = StopSignal()
@@ -417,7 +404,8 @@ def write_grid(run: Run, sampler, path: Path) -> None:
     """A grid of ``sample.grid_classes`` x ``sample.grid_per_class`` samples from fixed noise."""
     sc, device = run.cfg["sample"], run.accelerator.device
     labels = grid_labels(sc["grid_classes"], sc["grid_per_class"], device)
-    noise = torch.randn((len(labels), *sample_shape(run)), generator=torch.Generator().manual_seed(sc["seed"]))
+    generator = torch.Generator().manual_seed(sc["seed"])
+    noise = torch.randn((len(labels), *noise_shape(run.raw_model)), generator=generator)
     with isolated_rng(device):  # the training's draws stay as they were
         images = generate(sampler, run.diffusion, labels, noise.to(device), sc, run.decode,
                           torch.Generator(device).manual_seed(sc["seed"]))
