@@ -10,8 +10,8 @@ The samples come first, the reference second: the reverse of ADM's `evaluator.py
 order is kept (scripts written for it stay right) and guarded: a reference batch stores mu/sigma, so one
 given in the samples position is refused at once with a line that says to swap.
 """
-import json
 import argparse
+import json
 import os
 import sys
 

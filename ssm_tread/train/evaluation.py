@@ -9,8 +9,9 @@ and reference statistics computed once at the start:
 - digits: the bundled classifier's features against all 1,797 digits, plus class accuracy.
 
 Evaluations draw only from their own generators and restore torch's global ones (building the
-evaluator, label dropout): a run's training losses do not depend on ``eval.*``. The noise is fixed: chunk i of ``sample.batch_size`` samples draws from its own generator on rank
-i % world, so every evaluation of a run, on any number of ranks, sees the same noise and labels. The
+evaluator, label dropout): a run's training losses do not depend on ``eval.*``. The noise is fixed:
+chunk i of ``sample.batch_size`` samples draws from its own generator on rank i % world, so every
+evaluation of a run, on any number of ranks, sees the same noise and labels. The
 ranks gather their features (all_gather); rank 0 computes the metrics and logs them as ``eval/<name>``.
 """
 from __future__ import annotations
