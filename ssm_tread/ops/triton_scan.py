@@ -150,7 +150,7 @@ class _TritonScan(torch.autograd.Function):
     def backward(ctx, grad_y, grad_last):
         _, scan_bwd = scan_kernels()
         u, delta, A, B, C, D, z, delta_bias, states = ctx.saved_tensors
-        batch, channels, length = u.shape
+        batch = u.shape[0]
         groups = ctx.launch.grid[1]
         grad_y = torch.zeros_like(u) if grad_y is None else grad_y.contiguous()
         grad_last = grad_last.contiguous() if grad_last is not None else None
