@@ -2,6 +2,7 @@
 recurrent implementation, its causality, parameters and initialisation."""
 
 import math
+import sys
 
 import pytest
 import torch
@@ -148,3 +149,65 @@ def test_mixer_on_cuda_matches_cpu():
         expected = m(x)
         actual = m.cuda()(x.cuda()).cpu()
     torch.testing.assert_close(actual, expected, rtol=1e-3, atol=1e-4)
+
+
+# ----------------------------------------------------------------------------------------------------
+# The causal-conv1d CUDA package's call site, checked with a stand-in of its public function
+
+
+def upstream_causal_conv1d_fn(calls):
+    """A stand-in with causal-conv1d's signature and argument handling (causal_conv1d_interface.py, 1.6/1.7):
+    seq_idx must be a tensor or None, the kernel takes widths 2-4."""
+
+    def causal_conv1d_fn(x, weight, bias=None, seq_idx=None, initial_states=None, return_final_states=False,
+                         final_states_out=None, activation=None):
+        if activation not in [None, "silu", "swish"]:
+            raise NotImplementedError("activation must be None, silu, or swish")
+        seq_idx = seq_idx.contiguous() if seq_idx is not None else None
+        if not 2 <= weight.shape[1] <= 4:
+            raise RuntimeError("causal_conv1d only supports width between 2 and 4")
+        calls.append(activation)
+        return naive_causal_conv(x, weight, bias, activation in ("silu", "swish"))
+
+    return causal_conv1d_fn
+
+
+@pytest.fixture
+def conv_stand_in(monkeypatch):
+    """causal_conv1d (with its extension) importable, its kernel used for CPU tensors; yields the calls."""
+    import types
+
+    from ssm_tread.ops import causal_conv as conv_module
+
+    calls = []
+    package = types.ModuleType("causal_conv1d")
+    package.causal_conv1d_fn = upstream_causal_conv1d_fn(calls)
+    monkeypatch.setitem(sys.modules, "causal_conv1d", package)
+    monkeypatch.setitem(sys.modules, "causal_conv1d_cuda", types.ModuleType("causal_conv1d_cuda"))
+    monkeypatch.setattr(conv_module, "KERNEL_DEVICE", "cpu")
+    conv_module.causal_conv1d_kernel.cache_clear()
+    yield calls
+    conv_module.causal_conv1d_kernel.cache_clear()
+
+
+def test_the_mixer_calls_the_causal_conv1d_kernel_with_its_signature(conv_stand_in):
+    torch.manual_seed(0)
+    mixer = Mamba(8, d_state=4, d_conv=4, expand=2)
+    x = torch.randn(2, 5, 8)
+    with_kernel = mixer(x)
+    assert conv_stand_in == ["silu"]  # the kernel ran, and was asked for SiLU
+    from ssm_tread.ops import causal_conv as conv_module
+
+    conv_module.causal_conv1d_kernel.cache_clear()
+    sys.modules["causal_conv1d_cuda"] = None  # the extension missing: the F.conv1d path
+    torch.testing.assert_close(with_kernel, mixer(x), rtol=1e-5, atol=1e-6)
+    assert conv_stand_in == ["silu"]
+
+
+def test_shapes_the_kernel_cannot_take_fall_back_to_conv1d(conv_stand_in):
+    x, weight, bias = torch.randn(1, 3, 9), torch.randn(3, 5), torch.randn(3)
+    torch.testing.assert_close(causal_conv1d(x, weight, bias), naive_causal_conv(x, weight, bias, "silu"),
+                               rtol=1e-5, atol=1e-6)
+    assert conv_stand_in == []  # width 5: the kernel is compiled for 2-4
+    causal_conv1d(x, torch.randn(3, 2), None, None)
+    assert conv_stand_in == [None]

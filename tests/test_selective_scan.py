@@ -4,6 +4,7 @@ gradient), the reference against closed forms, and backend selection."""
 import importlib
 import logging
 import math
+import sys
 
 import pytest
 import torch
@@ -46,11 +47,15 @@ def make_inputs(batch, channels, state, length, groups=None, extras=True, seed=0
     return {k: v.requires_grad_() for k, v in inputs.items()}
 
 
-def run(inputs, backend, softplus=True, seed=1):
-    """Outputs, last state and the gradients of a random linear function of both."""
+def run(inputs, backend, softplus=True, seed=1, last_state_grad=True):
+    """Outputs, last state and the gradients of a random linear function of both (of y alone without
+    ``last_state_grad``: mamba-ssm's selective_scan_fn ignores the last state's gradient by design)."""
     y, last = selective_scan(**inputs, delta_softplus=softplus, return_last_state=True, backend=backend)
     g = torch.Generator().manual_seed(seed)
-    loss = (y * torch.randn(y.shape, generator=g)).sum() + (last * torch.randn(last.shape, generator=g)).sum()
+    weights = [torch.randn(t.shape, generator=g).to(t.device) for t in (y, last)]
+    loss = (y * weights[0]).sum()
+    if last_state_grad:
+        loss = loss + (last * weights[1]).sum()
     grads = torch.autograd.grad(loss, list(inputs.values()))
     return y, last, dict(zip(inputs, grads))
 
@@ -213,7 +218,7 @@ def test_mamba_ssm_is_chosen_only_for_cuda(monkeypatch):
 def test_forcing_unavailable_mamba_ssm_names_the_install_command(monkeypatch):
     monkeypatch.setattr(scan_module, "mamba_ssm_scan_fn", lambda: None)
     inputs = make_inputs(1, 2, 2, 3, extras=False)
-    hint = "pip install -r requirements-cuda.txt --no-build-isolation"
+    hint = "pip install -r requirements-cuda.txt --no-build-isolation"  # after the build flags
     with pytest.raises(RuntimeError, match=hint):
         selective_scan(**inputs, backend="mamba_ssm")
     monkeypatch.setenv(scan_module.ENV_VAR, "mamba_ssm")
@@ -278,9 +283,71 @@ def test_mamba_ssm_kernel_matches_torch_backend():
     if scan_module.mamba_ssm_scan_fn() is None:
         pytest.skip("mamba_ssm is not installed")
     inputs = {k: v.detach().cuda().requires_grad_() for k, v in make_inputs(2, 8, 4, 300, groups=2).items()}
-    y_ref, last_ref, grads_ref = run(inputs, "torch")
-    y, last, grads = run(inputs, "mamba_ssm")
+    y_ref, last_ref, grads_ref = run(inputs, "torch", last_state_grad=False)
+    y, last, grads = run(inputs, "mamba_ssm", last_state_grad=False)
     assert_close(y, y_ref, rtol=1e-3)
     assert_close(last, last_ref, rtol=1e-3)
     for name in inputs:
         assert_close(grads[name], grads_ref[name], rtol=1e-3)
+
+
+# ----------------------------------------------------------------------------------------------------
+# mamba-ssm's CUDA extension: a package whose interface imports without it must not be chosen
+
+INTERFACE = '''
+try:  # mamba-ssm's main branch: the extension is optional at import time
+    import selective_scan_cuda
+except ImportError:
+    selective_scan_cuda = None
+
+
+def selective_scan_fn(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False,
+                      return_last_state=False, cu_seqlens=None):
+    return selective_scan_cuda.fwd(u, delta, A, B, C, D, z, delta_bias, delta_softplus, cu_seqlens)
+'''
+EXTENSIONS = {
+    "absent": None,
+    "ABI-broken": 'raise ImportError("selective_scan_cuda.so: undefined symbol: _ZN3c104cuda9SetDeviceEi")',
+    "built": "def fwd(*args):\n    return 'kernel'\n",
+}
+
+
+@pytest.fixture
+def mamba_ssm_stand_in(tmp_path, monkeypatch):
+    """Writes a mamba-ssm package laid out as upstream's into tmp_path; yields a function that installs
+    the given extension (see EXTENSIONS) and returns what the guard makes of it."""
+    (tmp_path / "mamba_ssm" / "ops").mkdir(parents=True)
+    (tmp_path / "mamba_ssm" / "__init__.py").write_text("")
+    (tmp_path / "mamba_ssm" / "ops" / "__init__.py").write_text("")
+    (tmp_path / "mamba_ssm" / "ops" / "selective_scan_interface.py").write_text(INTERFACE)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    names = ("mamba_ssm", "mamba_ssm.ops", "mamba_ssm.ops.selective_scan_interface", "selective_scan_cuda")
+
+    def install(extension):
+        for name in names:
+            sys.modules.pop(name, None)
+        (tmp_path / "selective_scan_cuda.py").unlink(missing_ok=True)
+        if EXTENSIONS[extension] is not None:
+            (tmp_path / "selective_scan_cuda.py").write_text(EXTENSIONS[extension])
+        importlib.invalidate_caches()
+        scan_module.mamba_ssm_scan_fn.cache_clear()
+        return scan_module.mamba_ssm_scan_fn()
+
+    yield install
+    for name in names:
+        sys.modules.pop(name, None)
+    scan_module.mamba_ssm_scan_fn.cache_clear()
+
+
+@pytest.mark.parametrize("extension", ["absent", "ABI-broken"])
+def test_mamba_ssm_without_a_working_extension_falls_back_to_triton(mamba_ssm_stand_in, extension):
+    assert mamba_ssm_stand_in(extension) is None
+    assert active_backend("cuda") == "triton"
+    with pytest.raises(RuntimeError, match="selective_scan_cuda cannot be imported.*MAMBA_KEEP_CUDA_BUILD=TRUE"):
+        scan_module.check_backend("mamba_ssm", "cuda")
+
+
+def test_mamba_ssm_with_its_extension_is_chosen_on_cuda(mamba_ssm_stand_in):
+    scan_fn = mamba_ssm_stand_in("built")
+    assert scan_fn(*[None] * 5) == "kernel"
+    assert active_backend("cuda") == "mamba_ssm"

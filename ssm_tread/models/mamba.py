@@ -15,6 +15,7 @@ from einops import rearrange
 
 from ssm_tread.models.macs import selective_scan_macs
 from ssm_tread.ops import causal_conv1d, selective_scan
+from ssm_tread.ops.selective_scan import at_least_fp32
 
 
 class Mamba(nn.Module):
@@ -68,9 +69,10 @@ class Mamba(nn.Module):
         dt = rearrange(dt @ self.dt_proj.weight.t(), "b l e -> b e l")  # bias added inside the scan
         B = rearrange(B, "b l n -> b n l").contiguous()
         C = rearrange(C, "b l n -> b n l").contiguous()
-        A = -torch.exp(self.A_log.float())  # [E, N]
+        A = -torch.exp(at_least_fp32(self.A_log))  # [E, N]
         y = selective_scan(
-            x, dt, A, B, C, self.D.float(), z=z, delta_bias=self.dt_proj.bias.float(), delta_softplus=True
+            x, dt, A, B, C, at_least_fp32(self.D), z=z, delta_bias=at_least_fp32(self.dt_proj.bias),
+            delta_softplus=True,
         )
         return self.out_proj(rearrange(y, "b e l -> b l e"))
 

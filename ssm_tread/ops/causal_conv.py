@@ -7,13 +7,21 @@ import functools
 import torch
 import torch.nn.functional as F
 
+KERNEL_DEVICE = "cuda"
+KERNEL_WIDTHS = (2, 3, 4)  # the widths causal-conv1d's CUDA kernel is compiled for
+
 
 @functools.cache
 def causal_conv1d_kernel():
-    """The ``causal_conv1d`` package's ``causal_conv1d_fn``, or None when it cannot be imported."""
+    """The ``causal_conv1d`` package's ``causal_conv1d_fn``, or None where it cannot run.
+
+    The package imports its compiled extension ``causal_conv1d_cuda`` at import time, so a missing
+    package, a missing extension and one built against another torch (an undefined-symbol ImportError)
+    all land here as "unavailable"; importing the extension by name checks it whatever the version."""
     try:
+        import causal_conv1d_cuda  # noqa: F401
         from causal_conv1d import causal_conv1d_fn
-    except Exception:  # a missing package and a broken CUDA extension both mean "unavailable"
+    except Exception:
         return None
     return causal_conv1d_fn
 
@@ -28,9 +36,12 @@ def causal_conv1d(
         raise ValueError(f"expected x [B, E, L] and weight [E, K], got x {list(x.shape)}, weight {list(weight.shape)}")
     if bias is not None and bias.shape != (x.shape[1],):
         raise ValueError(f"expected bias [E] = [{x.shape[1]}], got {list(bias.shape)}")
-    kernel = causal_conv1d_kernel() if x.is_cuda else None
-    if kernel is not None:
-        return kernel(x, weight, bias, activation)
     channels, width = weight.shape
+    on_kernel = x.device.type == KERNEL_DEVICE and width in KERNEL_WIDTHS
+    kernel = causal_conv1d_kernel() if on_kernel else None
+    if kernel is not None:
+        # causal_conv1d_fn(x, weight, bias=None, seq_idx=None, initial_states=None, return_final_states=False,
+        # final_states_out=None, activation=None): everything after weight by keyword
+        return kernel(x, weight.contiguous(), bias=bias, activation=activation)
     y = F.conv1d(F.pad(x, (width - 1, 0)), weight.unsqueeze(1), bias, groups=channels)
     return F.silu(y) if activation else y

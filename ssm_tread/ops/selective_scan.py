@@ -31,7 +31,11 @@ logger = logging.getLogger("ssm_tread.ops")
 
 BACKENDS = ("mamba_ssm", "triton", "torch", "reference")
 ENV_VAR = "SSM_TREAD_SCAN_BACKEND"
-INSTALL_HINT = "pip install -r requirements-cuda.txt --no-build-isolation"
+# mamba-ssm builds its CUDA extension only when asked to (MAMBA_KEEP_CUDA_BUILD, on its main branch since
+# July 2026); without it selective_scan_fn imports but fails at the first call
+INSTALL_HINT = (
+    "MAMBA_KEEP_CUDA_BUILD=TRUE CAUSAL_CONV1D_FORCE_BUILD=TRUE pip install -r requirements-cuda.txt --no-build-isolation"
+)
 
 _forced: str | None = None
 _logged: set[tuple[str, str]] = set()
@@ -39,12 +43,18 @@ _logged: set[tuple[str, str]] = set()
 
 @functools.cache
 def mamba_ssm_scan_fn():
-    """mamba-ssm's ``selective_scan_fn``, or None when it cannot be imported."""
+    """mamba-ssm's ``selective_scan_fn``, or None where it cannot run.
+
+    Its compiled extension ``selective_scan_cuda`` is imported by name: mamba-ssm's main branch imports it
+    inside try/except and installs without it by default, so ``selective_scan_fn`` then imports fine and
+    fails at its first call. A missing package, a missing extension and one built against another torch
+    (an undefined-symbol ImportError) all mean "unavailable"."""
     try:
+        import selective_scan_cuda
         from mamba_ssm.ops.selective_scan_interface import selective_scan_fn
-    except Exception:  # a missing package and a broken CUDA extension both mean "unavailable"
+    except Exception:
         return None
-    return selective_scan_fn
+    return selective_scan_fn if callable(getattr(selective_scan_cuda, "fwd", None)) else None
 
 
 def _check_name(name: str) -> str:
@@ -79,8 +89,8 @@ def check_backend(name: str, device: torch.device | str) -> str:
     if name == "mamba_ssm":
         if mamba_ssm_scan_fn() is None:
             raise RuntimeError(
-                "the mamba_ssm selective-scan backend was requested but mamba_ssm cannot be imported; "
-                f"on a CUDA machine install it with: {INSTALL_HINT}"
+                "the mamba_ssm selective-scan backend was requested but mamba_ssm or its CUDA extension "
+                f"selective_scan_cuda cannot be imported; on a CUDA machine install both with: {INSTALL_HINT}"
             )
         if device.type != "cuda":
             raise RuntimeError(f"the mamba_ssm selective-scan backend needs CUDA tensors, got device {device}")
@@ -129,7 +139,8 @@ def _grouped(t: torch.Tensor) -> torch.Tensor:
 def selective_scan(
     u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False, return_last_state=False, backend=None
 ):
-    """y [batch, E, L] in u's dtype; with ``return_last_state`` also (y, h_L [batch, E, N] float32)."""
+    """y [batch, E, L] in u's dtype; with ``return_last_state`` also (y, h_L [batch, E, N] float32, or
+    float64 for float64 inputs: the torch and reference backends compute in float32 at least)."""
     _check_shapes(u, delta, A, B, C, D, z, delta_bias)
     name = active_backend(u.device) if backend is None else check_backend(backend, u.device)
     if (name, u.device.type) not in _logged:
@@ -142,9 +153,9 @@ def selective_scan(
         return (y, last_state) if return_last_state else y
 
     dtype = u.dtype
-    u, delta, A, B, C = u.float(), delta.float(), A.float(), _grouped(B).float(), _grouped(C).float()
+    u, delta, A, B, C = (at_least_fp32(t) for t in (u, delta, A, _grouped(B), _grouped(C)))
     if delta_bias is not None:
-        delta = delta + delta_bias.float()[:, None]
+        delta = delta + at_least_fp32(delta_bias)[:, None]
     if delta_softplus:
         delta = F.softplus(delta)
     scan = scan_reference if name == "reference" else scan_torch
@@ -156,11 +167,16 @@ def selective_scan(
     with no_autocast:
         y, last_state = scan(u, delta, A, B, C)
     if D is not None:
-        y = y + D.float()[:, None] * u
+        y = y + at_least_fp32(D)[:, None] * u
     if z is not None:
-        y = y * F.silu(z.float())
+        y = y * F.silu(at_least_fp32(z))
     y = y.to(dtype)
     return (y, last_state) if return_last_state else y
+
+
+def at_least_fp32(t: torch.Tensor) -> torch.Tensor:
+    """t in float32, or in float64 where it is float64: half-precision inputs are scanned in float32."""
+    return t.to(torch.promote_types(t.dtype, torch.float32))
 
 
 def scan_reference(u, delta, A, B, C):
