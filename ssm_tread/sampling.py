@@ -18,7 +18,9 @@ import torch
 from ssm_tread.diffusion import Guidance, create_diffusion
 from ssm_tread.diffusion.common import check_choice
 from ssm_tread.models import create_model
+from ssm_tread.ops import allow_tf32
 from ssm_tread.checkpoint import load_checkpoint, load_weights
+from ssm_tread.progress import progress_bar
 
 LATENT_SCALE = 0.18215
 
@@ -142,7 +144,6 @@ def sample_chunks(model, diffusion, out: str | os.PathLike, labels: torch.Tensor
     Chunks already on disk are skipped, so a restarted job continues where it stopped. The chunk folder
     records the settings it was made with and refuses to mix in chunks of other settings.
     """
-    from tqdm.auto import tqdm
 
     folder = Path(str(out) + ".chunks")
     plan = {"num_images": len(labels), "batch_size": batch_size, "seed": seed, "labels": labels.tolist(),
@@ -161,7 +162,7 @@ def sample_chunks(model, diffusion, out: str | os.PathLike, labels: torch.Tensor
     device = next(model.parameters()).device
     shape = noise_shape(model)
     mine = range(rank, math.ceil(len(labels) / batch_size), world)
-    for i in tqdm(mine, disable=not progress, desc="chunks"):
+    for i in progress_bar(mine, enabled=progress, desc="chunks"):
         path = folder / f"chunk-{i:06d}.npz"
         if path.exists():
             continue
@@ -200,8 +201,7 @@ def merge_chunks(folder: str | os.PathLike, out: str | os.PathLike) -> Path:
 
 def _setup(checkpoint, sample_overrides: dict, use_ema: bool, device: torch.device):
     if device.type == "cuda":
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
+        allow_tf32()
     model, diffusion, cfg = load_for_sampling(checkpoint, device, use_ema)
     sample_cfg = {**cfg["sample"], **{k: v for k, v in sample_overrides.items() if v is not None}}
     check_choice("sampler", sample_cfg["sampler"] or diffusion.default_sampler, diffusion.samplers)

@@ -12,6 +12,8 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
+from ssm_tread.progress import progress_bar
+
 from .latents import FORMAT, SCALE_FACTOR, index_path, latent_statistics, read_json, shard_problem, \
     write_json, write_shard
 from .transforms import adm_center_crop
@@ -104,7 +106,6 @@ def encode_moments(vae, x):
 def extract_latents(image_root, out_dir, vae_path, image_size=256, batch_size=32, shard_size=10000,
                     rank=0, world_size=1, device=None, num_workers=4, progress=True):
     """Extract this rank's unfinished shards. Returns the statistics dict once every shard is done, else None."""
-    from tqdm import tqdm
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     classes, samples = list_image_folder(image_root)
     vae = load_vae(vae_path, device)
@@ -112,8 +113,8 @@ def extract_latents(image_root, out_dir, vae_path, image_size=256, batch_size=32
     os.makedirs(out_dir, exist_ok=True)
     write_or_check_index(out_dir, index)
     todo = [s for s in index["shards"][rank::world_size] if shard_problem(out_dir, s)]
-    bar = tqdm(total=sum(s["count"] for s in todo), desc=f"rank {rank}", unit="img", position=rank,
-               disable=not progress)
+    bar = progress_bar(total=sum(s["count"] for s in todo), enabled=progress, desc=f"rank {rank}", unit="img",
+                       position=rank)
     for shard in todo:
         images = CenterCropImages(image_root, samples[shard["start"]:shard["start"] + shard["count"]], image_size)
         loader = DataLoader(images, batch_size=batch_size, num_workers=num_workers,

@@ -26,6 +26,7 @@ import torch
 from torch.utils.data import Dataset
 
 from ssm_tread.errors import UserError
+from ssm_tread.progress import progress_bar
 
 FORMAT = "ssm_tread-latents-v1"
 SCALE_FACTOR = 0.18215  # Stable Diffusion's latent scale
@@ -186,10 +187,9 @@ def read_index(root):
 
 def verify_shards(root, progress=True):
     """Check every shard listed in the index. Returns {shard name: problem} (empty when all are good)."""
-    from tqdm import tqdm
     index = read_index(root)
     problems = {}
-    for shard in tqdm(index["shards"], desc="verify", unit="shard", disable=not progress):
+    for shard in progress_bar(index["shards"], enabled=progress, desc="verify", unit="shard"):
         problem = check_shard(root, shard, index)
         if problem:
             problems[shard["name"]] = problem
@@ -234,8 +234,7 @@ class LatentShardDataset(Dataset):
         index = read_index(root)
         check = {"none": shard_problem, "sample": sampled_problem,
                  "full": lambda root, shard: check_shard(root, shard, index)}[verify]
-        from tqdm import tqdm
-        shards = tqdm(index["shards"], desc="verify shards", unit="shard", disable=verify != "full" or not progress)
+        shards = progress_bar(index["shards"], enabled=verify == "full" and progress, desc="verify shards", unit="shard")
         problems = {s["name"]: p for s in shards if (p := check(root, s))}
         if problems:
             listing = "\n".join(f"latent shard {name} in {root}: {p}" for name, p in problems.items())

@@ -14,7 +14,7 @@ from __future__ import annotations
 import math
 
 import torch
-from tqdm.auto import tqdm
+from ssm_tread.progress import progress_bar
 
 from ssm_tread.diffusion.common import check_choice, model_forward, rand, randn, reduce_loss
 
@@ -97,7 +97,7 @@ class FlowMatching:
         model_kwargs = model_kwargs or {}
         times = torch.linspace(0, 1, steps + 1, dtype=torch.float64).tolist()
         x = noise
-        for i in tqdm(range(steps), disable=not progress):
+        for i in progress_bar(range(steps), enabled=progress):
             t, dt = times[i], times[i + 1] - times[i]
             v = self.velocity(model, x, t, model_kwargs, guidance)
             if sampler == "euler":

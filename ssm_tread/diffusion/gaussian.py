@@ -14,7 +14,7 @@ from __future__ import annotations
 import math
 
 import torch
-from tqdm.auto import tqdm
+from ssm_tread.progress import progress_bar
 
 from ssm_tread.diffusion.common import check_choice, model_forward, randint, randn, reduce_loss
 from ssm_tread.diffusion.dpm_solver import DiscreteSchedule, dpm_solver_sample
@@ -263,7 +263,7 @@ class GaussianDiffusion:
         spaced = self.respace(steps or self.default_steps[sampler])
         x = noise
         indices = range(spaced.num_timesteps - 1, -1, -1)
-        for i in tqdm(indices, disable=not progress):
+        for i in progress_bar(indices, enabled=progress):
             t = torch.full((x.shape[0],), i, device=x.device, dtype=torch.long)
             model_t = spaced.model_time(t)
             if guidance is None:

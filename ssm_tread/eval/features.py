@@ -2,6 +2,8 @@
 import numpy as np
 import torch
 
+from ssm_tread.progress import progress_bar
+
 
 class FeatureExtractor:
     """Maps a batch of images to named feature arrays: features(images) -> {name: tensor [B, D]}.
@@ -18,9 +20,8 @@ def compute_features(extractor, batches, total=None, progress=True, desc="featur
 
     total: number of batches (for the progress bar) when `batches` has no len().
     """
-    from tqdm import tqdm
     out = {}
-    for batch in tqdm(batches, total=total, desc=desc, unit="batch", disable=not progress):
+    for batch in progress_bar(batches, enabled=progress, total=total, desc=desc, unit="batch"):
         for name, value in extractor.features(batch).items():
             out.setdefault(name, []).append(torch.as_tensor(value).float().cpu().numpy())
     if not out:

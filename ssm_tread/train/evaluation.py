@@ -22,7 +22,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm
 
 from ssm_tread.eval import (
     DigitsEvaluator,
@@ -34,6 +33,7 @@ from ssm_tread.eval import (
 from ssm_tread.eval.adm import NpzImages, reference_statistics
 from ssm_tread.eval.features import compute_features
 from ssm_tread.eval.inception import INCEPTION_URL
+from ssm_tread.progress import progress_bar, write
 from ssm_tread.sampling import chunk_generator, generate, to_uint8
 from ssm_tread.train.config import ConfigError
 from ssm_tread.train.distributed import gather_objects
@@ -136,7 +136,7 @@ class Evaluation:
         batch = self.sample_cfg["batch_size"]
         chunks = range(self.rank, math.ceil(len(self.labels) / batch), self.world)
         mine = []
-        for i in tqdm(chunks, desc=f"eval at step {step}", disable=not self.progress, leave=False, dynamic_ncols=True):
+        for i in progress_bar(chunks, enabled=self.progress, desc=f"eval at step {step}", leave=False, dynamic_ncols=True):
             y = self.labels[i * batch:(i + 1) * batch].to(self.device)
             generator = chunk_generator(self.seed, i, self.device)
             noise = torch.randn((len(y), *self.shape), generator=generator, device=self.device)
@@ -155,7 +155,7 @@ class Evaluation:
             self.images = torch.cat([images for _, _, images in parts])
         if self.metrics is not None:
             self.metrics.log(step, {f"eval/{k}": v for k, v in self.result.items()})
-        tqdm.write(f"eval at step {step}: " + ", ".join(f"{k} {v:.4g}" for k, v in self.result.items()))
+        write(f"eval at step {step}: " + ", ".join(f"{k} {v:.4g}" for k, v in self.result.items()))
         return self.result
 
     def final(self, model, step: int, run_dir: Path) -> tuple[dict | None, torch.Tensor | None]:

@@ -26,7 +26,6 @@ from pathlib import Path
 import torch
 from torch.distributed.device_mesh import init_device_mesh
 from torch.utils.data import DataLoader
-from tqdm.auto import tqdm
 
 from ssm_tread.checkpoint import (
     checkpoint_path,
@@ -40,7 +39,8 @@ from ssm_tread.checkpoint import (
 )
 from ssm_tread.errors import UserError
 from ssm_tread.models import count_macs
-from ssm_tread.ops import set_backend
+from ssm_tread.ops import allow_tf32, set_backend
+from ssm_tread.progress import progress_bar
 from ssm_tread.sampling import generate, grid_labels, load_vae, noise_shape, save_grid
 from ssm_tread.train.config import ConfigError, model_spec, run_dir_of, save_config
 from ssm_tread.train.distributed import gather_objects
@@ -222,8 +222,7 @@ def start_accelerator(tc: dict):
     if not cuda and tc["cpu_threads"]:
         torch.set_num_threads(tc["cpu_threads"])
     if cuda and tc["tf32"]:
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
+        allow_tf32()
     return accelerator
 
 
@@ -350,7 +349,7 @@ def loop(run: Run) -> bool:
     device, world, rank = accelerator.device, accelerator.num_processes, accelerator.process_index
     shape, accum, micro = noise_shape(run.raw_model), tc["grad_accum"], run.micro
     window = Window(run.clock)
-    bar = tqdm(total=tc["steps"], initial=run.step, disable=not (run.main and lc["progress"]), dynamic_ncols=True)
+    bar = progress_bar(total=tc["steps"], initial=run.step, enabled=run.main and lc["progress"], dynamic_ncols=True)
     stop = StopSignal()
     run.model.train()
     try:
