@@ -80,15 +80,17 @@ def quantiles(values: list[float]) -> dict:
 
 
 def measure_matmul_tflops(device: torch.device, size: int = 2048, dtype: torch.dtype = torch.float32,
-                          repeats: int = 5) -> dict:
+                          repeats: int = 5, warmup: int = 1) -> dict:
     """The best achieved dense matmul rate (TFLOP/s) of ``size`` x ``size`` operands: a practical peak
     for MFU where no datasheet figure is given. Returns {"wall": from wall-clock time, "cpu": from this
     process's CPU time times the torch threads (CPU only; None on CUDA)}: on a shared CPU the second is
-    the rate the cores reach while this process has them."""
+    the rate the cores reach while this process has them. ``warmup`` untimed products come first (a GPU
+    reaches its clocks and the library its kernel choice only after several)."""
     device = torch.device(device)
     a = torch.randn(size, size, device=device, dtype=dtype)
     b = torch.randn(size, size, device=device, dtype=dtype)
-    a @ b
+    for _ in range(warmup):
+        a @ b
     best_wall = best_cpu = math.inf
     for _ in range(repeats):
         wall, cpu = timed_both(lambda: a @ b, device)
