@@ -155,7 +155,7 @@ def extract_tool(images, out, vae, *args):
                     "--batch-size", 2, "--shard-size", 2, "--workers", 0, *args)
 
 
-def test_a_resumed_extraction_refuses_another_vae(image_folder, vaes, tmp_path):
+def test_a_resumed_extraction_refuses_another_vae(image_folder, vaes, tmp_path, monkeypatch, capsys):
     vae_a, vae_b = vaes
     out = tmp_path / "latents"
     extract_latents(str(image_folder), str(out), vae_a, image_size=16, batch_size=2, shard_size=2, num_workers=0,
@@ -173,10 +173,11 @@ def test_a_resumed_extraction_refuses_another_vae(image_folder, vaes, tmp_path):
     assert not [p.name for p in out.iterdir() if ".tmp" in p.name]
     assert read_json(out / "shard_00001.json")["vae_sha256"] == read_json(out / "index.json")["vae_sha256"]
 
-    done = run_tool("tools/extract_latents.py", "--verify", "--out", out, "--vae", vae_b)
-    assert_fails_in_one_line(done, 1, f"encoded by another VAE than --vae {vae_b}")
-    done = run_tool("tools/extract_latents.py", "--verify", "--out", out, "--vae", vae_a)
-    assert done.returncode == 0 and "verified" in done.stdout, done.stderr
+    with pytest.raises(SystemExit) as exit_:
+        main_of("extract_latents", monkeypatch, "--verify", "--out", out, "--vae", vae_b)
+    assert exit_.value.code == 1 and f"encoded by another VAE than --vae {vae_b}" in capsys.readouterr().err
+    main_of("extract_latents", monkeypatch, "--verify", "--out", out, "--vae", vae_a)
+    assert "verified" in capsys.readouterr().out
 
 
 def test_verify_finds_shards_of_another_vae(image_folder, vaes, tmp_path, monkeypatch):
@@ -189,16 +190,21 @@ def test_verify_finds_shards_of_another_vae(image_folder, vaes, tmp_path, monkey
         main_of("extract_latents", monkeypatch, "--verify", "--out", out)
 
 
-@pytest.mark.parametrize("damage", ["truncated", "empty"])
-def test_an_unreadable_image_is_named(image_folder, vaes, tmp_path, damage):
+def test_an_unreadable_image_is_named(image_folder, vaes, tmp_path, monkeypatch):
+    from ssm_tread.data.extract import ImageError
+
     images = shutil.copytree(image_folder, tmp_path / "images")
     bad = images / "bee" / "1.png"
     data = bad.read_bytes()
-    bad.write_bytes(data[:len(data) // 2] if damage == "truncated" else b"")
+    bad.write_bytes(data[:len(data) // 2])  # truncated
     done = extract_tool(images, tmp_path / "latents", vaes[0])
     fails_in_one_line_after_a_progress_bar(done, 1, f"error: cannot read image {bad} (", "replace it with a good copy")
     assert sorted(p.name for p in (tmp_path / "latents").iterdir() if p.name.endswith(".json")) == \
         ["index.json", "shard_00000.json", "shard_00001.json"]  # the shards before the bad image are kept
+    bad.write_bytes(b"")  # empty
+    with pytest.raises(ImageError, match=f"cannot read image {bad} "):
+        main_of("extract_latents", monkeypatch, "--data", images, "--out", tmp_path / "latents", "--vae", vaes[0],
+                "--image-size", 16, "--batch-size", 2, "--shard-size", 2, "--workers", 0)
 
 
 # ---- the shard index, checked against the shards ----
@@ -254,7 +260,9 @@ def test_a_shard_list_with_a_gap_is_refused(latents, tmp_path):  # noqa: F811
 
 # ---- evaluation: outputs and counts before any work, degenerate features ----
 
-def test_eval_fid_checks_outputs_and_counts_before_any_work(tmp_path):
+def test_eval_fid_checks_outputs_and_counts_before_any_work(tmp_path, monkeypatch):
+    from ssm_tread.files import OutputPathError
+
     samples = tmp_path / "s.npz"
     np.savez(samples, np.zeros((5, 8, 8, 3), dtype=np.uint8))
     no_weights = tmp_path / "none.pth"  # loading these would be the first work
@@ -262,12 +270,11 @@ def test_eval_fid_checks_outputs_and_counts_before_any_work(tmp_path):
     assert_fails_in_one_line(done, 1, "holds 5 samples: the Inception Score needs at least 10")
     np.savez(samples, np.zeros((10, 8, 8, 3), dtype=np.uint8))
     (tmp_path / "file").write_text("")
-    done = run_tool("tools/eval_fid.py", samples, samples, "--inception", no_weights,
-                    "--out", tmp_path / "file" / "r.json")
-    assert_fails_in_one_line(done, 1, "which is a file, not a folder")
+    with pytest.raises(OutputPathError, match="which is a file, not a folder"):
+        main_of("eval_fid", monkeypatch, samples, samples, "--inception", no_weights, "--out", tmp_path / "file" / "r")
     np.savez(tmp_path / "ref.npz", np.zeros((3, 8, 8, 3), dtype=np.uint8))
-    done = run_tool("tools/eval_fid.py", samples, tmp_path / "ref.npz", "--inception", no_weights)
-    assert_fails_in_one_line(done, 1, "holds 3 reference images: precision and recall (k=3) need more than 3")
+    with pytest.raises(ValueError, match=r"holds 3 reference images: precision and recall \(k=3\) need more than 3"):
+        main_of("eval_fid", monkeypatch, samples, tmp_path / "ref.npz", "--inception", no_weights)
 
 
 def test_eval_fid_writes_into_a_missing_folder(tmp_path, monkeypatch):
