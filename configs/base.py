@@ -77,7 +77,8 @@ sample = dict(
     steps=None,               # None: the sampler's default number of steps
     cfg_scale=1.0,            # classifier-free guidance scale; 1 turns it off
     interval=None,            # guidance interval (lo, hi) in the diffusion's time units; None: everywhere
-    guided_channels=None,     # guide only the first channels (3 reproduces the reference DiT)
+    guided_channels=None,     # guide only the first channels; None: all (the prediction channels of a learned-sigma
+                              # model). Each preset sets its family's official value: DiT 3, DiM and ZigMa None
     routing_guidance=None,    # TREAD routing guidance, see ssm_tread.diffusion.guidance.Guidance
     use_ema=True,             # sample with the EMA weights
     batch_size=32,            # per rank

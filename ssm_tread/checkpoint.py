@@ -4,7 +4,8 @@ keeps the newest; loading with a checksum and a shape check.
 A checkpoint stores a sha256 ``checksum`` of everything else it holds (every tensor's bytes, every other
 value's repr, in order); loading recomputes it, so flipped bytes that still unpickle are caught. One that
 fails is named as corrupt; a resumed run then falls back to the newest good one
-(:func:`load_newest_good`).
+(:func:`load_newest_good`). One without a checksum (written before checksums, or by hand) loads with a
+warning that its contents cannot be verified.
 """
 from __future__ import annotations
 
@@ -13,13 +14,16 @@ import hashlib
 import os
 import re
 import shutil
+import sys
 from pathlib import Path
 
 import torch
 
 from ssm_tread.errors import UserError
+from ssm_tread.files import remove_temp_files
 
 _NAME = re.compile(r"^step-(\d+)\.pt$")
+_TEMP = r"\.step-\d+\.pt\.tmp-\d+"  # save_checkpoint's temp file
 
 
 class CheckpointError(UserError, RuntimeError):
@@ -115,7 +119,8 @@ def save_checkpoint(state: dict, path: str | os.PathLike) -> Path:
         raise CheckpointError(f"not writing {path.name}: the {key} weights are not finite ({names[0]}"
                               f"{f' and {len(names) - 1} more' if len(names) > 1 else ''}); the newest good "
                               f"checkpoint is {newest or 'none'}. Lower optim.lr or set optim.grad_clip, then --resume")
-    state = {**state, "checksum": content_checksum(state)}
+    state = {key: value for key, value in state.items() if key != "checksum"}  # a loaded state's old checksum
+    state["checksum"] = content_checksum(state)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
@@ -155,7 +160,23 @@ def prune_checkpoints(folder: str | os.PathLike, keep_last: int, keep_every: int
             path.unlink(missing_ok=True)
 
 
-def load_checkpoint(path: str | os.PathLike) -> dict:
+def remove_partial_checkpoints(folder: str | os.PathLike, say=print) -> None:
+    """Delete the temp files of checkpoint writes that a killed run left in ``folder`` (call it while holding the
+    run dir, before the run writes a checkpoint)."""
+    if names := remove_temp_files(folder, _TEMP):
+        say(f"removed {len(names)} partial checkpoint file(s) of an interrupted write from {folder} ({names[0]})")
+
+
+def _warn(line: str) -> None:
+    """One warning line on stderr, from the first rank of a torchrun job only."""
+    if int(os.environ.get("RANK", 0)) == 0:
+        print(f"warning: {line}", file=sys.stderr)
+
+
+def load_checkpoint(path: str | os.PathLike, warn=_warn) -> dict:
+    """The state saved by :func:`save_checkpoint` from a file, or a run dir's newest checkpoint, with its
+    ``path`` and its ``checksum`` (None for a checkpoint without one: ``warn`` says so). Raises
+    CorruptCheckpoint when it cannot be read or does not match its checksum."""
     path = Path(path)
     if path.is_dir():
         newest = latest_checkpoint(path) or latest_checkpoint(path / "checkpoints")
@@ -172,10 +193,13 @@ def load_checkpoint(path: str | os.PathLike) -> dict:
     if not isinstance(state, dict):
         raise CorruptCheckpoint(f"checkpoint {path} is not a checkpoint (it holds a {type(state).__name__})")
     stored = state.pop("checksum", None)  # absent in checkpoints written before checksums
-    if stored is not None and stored != content_checksum(state):
+    if stored is None:
+        warn(f"checkpoint {path} has no checksum (written before checksums, or by hand): its contents cannot be "
+             f"verified")
+    elif stored != content_checksum(state):
         raise CorruptCheckpoint(f"checkpoint {path} is corrupt (its contents do not match its checksum)"
                                 f"{_earlier(path)}")
-    state["path"] = str(path)
+    state["path"], state["checksum"] = str(path), stored
     return state
 
 

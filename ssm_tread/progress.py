@@ -16,6 +16,12 @@ class SilentBar:
     def __iter__(self):
         return iter(self.iterable)
 
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
     def update(self, n: int = 1) -> None:
         pass
 

@@ -3,12 +3,20 @@
 Latent models are decoded with Stable Diffusion's VAE (``latents / 0.18215``); pixel models (digits)
 are used as they are. Images leave here in [-1, 1] as float [N, C, H, W] or as uint8 [N, H, W, 3]
 (grayscale repeated to three channels).
+
+An .npz of samples records what its images come from, its *plan*: the checkpoint (sha256 of its contents,
+EMA or raw weights), the VAE, the sampler and its settings, the guidance, the number of images, the labels,
+the seed and the batch size. The chunk folder of an unfinished job holds the plan in plan.json, the
+finished .npz under the key ``plan``; a restart with another plan is refused in one line naming what
+differs, and a finished .npz is never overwritten (the same plan again finds it done).
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
+import re
 import zipfile
 from pathlib import Path
 
@@ -18,11 +26,19 @@ import torch
 from ssm_tread.diffusion import Guidance, create_diffusion
 from ssm_tread.diffusion.common import check_choice
 from ssm_tread.models import create_model
+from ssm_tread.checkpoint import content_checksum, load_checkpoint, load_weights
+from ssm_tread.errors import UserError
+from ssm_tread.files import check_output_path, remove_temp_files, weights_sha256
 from ssm_tread.ops import allow_tf32
-from ssm_tread.checkpoint import load_checkpoint, load_weights
 from ssm_tread.progress import progress_bar
 
 LATENT_SCALE = 0.18215
+SETTINGS = ("sampler", "steps", "cfg_scale", "interval", "guided_channels", "routing_guidance")
+INFORMATION = ("source.checkpoint", "source.step", "source.vae")  # recorded, not compared: the sha256s are
+
+
+class PlanMismatch(UserError, ValueError):
+    """Samples on disk that come from another checkpoint or other settings; the message says what differs."""
 
 
 def load_vae(path: str | os.PathLike, device: torch.device):
@@ -99,13 +115,22 @@ def grid_labels(classes: list[int], per_class: int, device) -> torch.Tensor:
 
 def load_for_sampling(checkpoint: str | os.PathLike, device: torch.device, use_ema: bool = True):
     """(model in eval mode on ``device``, diffusion, the run's resolved config) from a checkpoint file or run dir."""
+    return load_with_source(checkpoint, device, use_ema)[:3]
+
+
+def load_with_source(checkpoint: str | os.PathLike, device: torch.device, use_ema: bool = True):
+    """:func:`load_for_sampling` and the source, what the samples come from: the checkpoint, its step, the
+    sha256 of its contents (computed for a checkpoint saved without one) and the weights ("ema" or "raw")."""
     state = load_checkpoint(checkpoint)
     cfg = state["config"]
     model = create_model(state["model_name"], **state["model_kwargs"])
     key = "ema" if use_ema else "model"
     load_weights(model, state[key], f"{key} weights of {state['path']}")
     diffusion = create_diffusion(cfg["diffusion"]["objective"], **cfg["diffusion"]["kwargs"])
-    return model.to(device).eval(), diffusion, cfg
+    checksum = state["checksum"] or content_checksum({k: v for k, v in state.items() if k not in ("path", "checksum")})
+    source = {"checkpoint": state["path"], "step": state.get("step"), "sha256": checksum,
+              "weights": "ema" if use_ema else "raw"}
+    return model.to(device).eval(), diffusion, cfg, source
 
 
 def make_labels(num_images: int, num_classes: int, mode: str, seed: int) -> torch.Tensor:
@@ -137,19 +162,49 @@ def _save_npz_atomic(path: Path, **arrays) -> None:
     os.replace(tmp, path)
 
 
+def sample_plan(model, labels: torch.Tensor, batch_size: int, sample_cfg: dict, seed: int,
+                source: dict | None = None) -> dict:
+    """What a set of samples comes from (see the module docstring), as JSON values."""
+    plan = {"source": source, "sample": {k: sample_cfg[k] for k in SETTINGS}, "num_images": len(labels),
+            "labels_sha256": hashlib.sha256(labels.cpu().numpy().astype(np.int64).tobytes()).hexdigest(),
+            "seed": seed, "batch_size": batch_size, "conditional": model.num_classes > 0}
+    return json.loads(json.dumps(plan))
+
+
+def plan_differences(recorded: dict, plan: dict) -> list[str]:
+    """The entries in which two plans differ, as "key recorded -> now" (short for checksums)."""
+    def flat(d, prefix=""):
+        items = {}
+        for k, v in (d or {}).items():
+            items.update(flat(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v})
+        return items
+
+    def show(v):
+        return v[:12] if isinstance(v, str) and len(v) == 64 else v
+
+    old, new = flat(recorded), flat(plan)
+    keys = [k for k in {**old, **new} if k not in INFORMATION and old.get(k) != new.get(k)]
+    return [f"{k} {show(old.get(k))} -> {show(new.get(k))}" for k in keys]
+
+
+def _refuse_other_plan(what: str, recorded: dict, plan: dict, fix: str) -> None:
+    if differences := plan_differences(recorded, plan):
+        raise PlanMismatch(f"{what} of another plan (recorded -> now: {'; '.join(differences)}); {fix}")
+
+
 def sample_chunks(model, diffusion, out: str | os.PathLike, labels: torch.Tensor, batch_size: int, sample_cfg: dict,
-                  seed: int, decode=None, rank: int = 0, world: int = 1, progress: bool = False) -> Path:
+                  seed: int, decode=None, rank: int = 0, world: int = 1, progress: bool = False,
+                  source: dict | None = None) -> Path:
     """Sample one image per label into ``<out>.chunks/chunk-NNNNNN.npz``, chunk i on rank i % world.
 
     Chunks already on disk are skipped, so a restarted job continues where it stopped. The chunk folder
-    records the settings it was made with and refuses to mix in chunks of other settings.
+    records the plan (:func:`sample_plan`; ``source``: what :func:`load_with_source` returns) and refuses,
+    naming what differs, to mix in chunks of another. The temp files of this rank's chunks that a killed job
+    left are removed.
     """
 
     folder = Path(str(out) + ".chunks")
-    plan = {"num_images": len(labels), "batch_size": batch_size, "seed": seed, "labels": labels.tolist(),
-            "conditional": model.num_classes > 0,
-            "sample": {k: sample_cfg[k] for k in ("sampler", "steps", "cfg_scale", "interval",
-                                                  "guided_channels", "routing_guidance")}}
+    plan = sample_plan(model, labels, batch_size, sample_cfg, seed, source)
     plan_path = folder / "plan.json"
     if rank == 0:
         folder.mkdir(parents=True, exist_ok=True)
@@ -157,11 +212,13 @@ def sample_chunks(model, diffusion, out: str | os.PathLike, labels: torch.Tensor
             plan_path.write_text(json.dumps(plan))
     if torch.distributed.is_initialized():
         torch.distributed.barrier()
-    if json.loads(json.dumps(plan)) != json.loads(plan_path.read_text()):
-        raise ValueError(f"{folder} holds chunks sampled with other settings; delete it or choose another output path")
+    _refuse_other_plan(f"{folder} holds chunks", json.loads(plan_path.read_text()), plan,
+                       f"sample with the checkpoint and settings it records, or delete {folder} to start over")
     device = next(model.parameters()).device
     shape = noise_shape(model)
     mine = range(rank, math.ceil(len(labels) / batch_size), world)
+    if mine:
+        remove_temp_files(folder, rf"\.chunk-({'|'.join(f'{i:06d}' for i in mine)})\.npz\.tmp-\d+")
     for i in progress_bar(mine, enabled=progress, desc="chunks"):
         path = folder / f"chunk-{i:06d}.npz"
         if path.exists():
@@ -176,7 +233,7 @@ def sample_chunks(model, diffusion, out: str | os.PathLike, labels: torch.Tensor
 
 def merge_chunks(folder: str | os.PathLike, out: str | os.PathLike) -> Path:
     """Stream every chunk of ``folder`` into one ADM-format .npz: ``arr_0`` uint8 [N, H, W, 3], ``arr_1`` labels
-    (absent for an unconditional model)."""
+    (absent for an unconditional model), and ``plan``, the plan as a JSON string."""
     folder, out = Path(folder), Path(out)
     plan = json.loads((folder / "plan.json").read_text())
     count = math.ceil(plan["num_images"] / plan["batch_size"])
@@ -194,23 +251,38 @@ def merge_chunks(folder: str | os.PathLike, out: str | os.PathLike) -> Path:
                 f.write(np.ascontiguousarray(np.load(path)["images"]).tobytes())
         if plan["conditional"]:
             with archive.open("arr_1.npy", "w") as f:
-                np.lib.format.write_array(f, np.asarray(plan["labels"], dtype=np.int64))
+                np.lib.format.write_array(f, np.concatenate([np.load(path)["labels"] for path in paths]))
+        with archive.open("plan.npy", "w") as f:
+            np.lib.format.write_array(f, np.asarray(json.dumps(plan)))
     os.replace(tmp, out)
     return out
+
+
+def recorded_plan(path: str | os.PathLike) -> dict | None:
+    """The plan a finished .npz of samples records (None if it records none or cannot be read)."""
+    try:
+        with np.load(path) as data:
+            return json.loads(str(data["plan"])) if "plan" in data.files else None
+    except (OSError, ValueError, zipfile.BadZipFile):
+        return None
 
 
 def _setup(checkpoint, sample_overrides: dict, use_ema: bool, device: torch.device):
     if device.type == "cuda":
         allow_tf32()
-    model, diffusion, cfg = load_for_sampling(checkpoint, device, use_ema)
+    model, diffusion, cfg, source = load_with_source(checkpoint, device, use_ema)
     sample_cfg = {**cfg["sample"], **{k: v for k, v in sample_overrides.items() if v is not None}}
-    check_choice("sampler", sample_cfg["sampler"] or diffusion.default_sampler, diffusion.samplers)
+    sample_cfg["sampler"] = sample_cfg["sampler"] or diffusion.default_sampler
+    check_choice("sampler", sample_cfg["sampler"], diffusion.samplers)
     make_guidance(sample_cfg)  # raises for a bad interval or routing guidance
     if model.num_classes == 0 and sample_cfg["cfg_scale"] != 1.0:
         raise ValueError(f"cfg scale {sample_cfg['cfg_scale']}: the model is unconditional (no classes), so there "
                          f"is nothing to guide towards; sample with --cfg-scale 1")
-    decode = load_vae(sample_cfg["vae"], device) if cfg["data"]["name"] == "latents" else None
-    return model, diffusion, sample_cfg, decode
+    decode = None
+    if cfg["data"]["name"] == "latents":
+        decode = load_vae(sample_cfg["vae"], device)
+        source.update(vae=str(Path(sample_cfg["vae"]).resolve()), vae_sha256=weights_sha256(sample_cfg["vae"]))
+    return model, diffusion, sample_cfg, decode, source
 
 
 def sample_grid_file(checkpoint, out: str | os.PathLike, classes: list[int] | None, per_class: int,
@@ -221,8 +293,9 @@ def sample_grid_file(checkpoint, out: str | os.PathLike, classes: list[int] | No
     says (the only grid of an unconditional model)."""
     if (classes is None) == (num_images is None):
         raise ValueError("a grid needs either classes or a number of images")
+    check_output_path(out, "--out", (".png",))
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    model, diffusion, sample_cfg, decode = _setup(checkpoint, sample_overrides or {}, use_ema, device)
+    model, diffusion, sample_cfg, decode, _ = _setup(checkpoint, sample_overrides or {}, use_ema, device)
     if classes is None:
         labels = make_labels(num_images, model.num_classes, label_mode, sample_cfg["seed"]).to(device)
     elif model.num_classes == 0:
@@ -243,24 +316,42 @@ def sample_grid_file(checkpoint, out: str | os.PathLike, classes: list[int] | No
 
 
 def sample_npz_file(checkpoint, out: str | os.PathLike, num_images: int, labels: str = "random",
-                    sample_overrides: dict | None = None, use_ema: bool = True, progress: bool = True) -> Path | None:
+                    sample_overrides: dict | None = None, use_ema: bool = True, progress: bool = True,
+                    say=print) -> Path | None:
     """``num_images`` samples into an ADM-format .npz, on every rank of a torchrun job (or one process).
 
     Each rank samples its chunks into ``<out>.chunks/`` (a restart skips the finished ones); rank 0
-    merges them into ``out`` and removes the chunk folder. Returns ``out`` on rank 0, None elsewhere.
+    merges them into ``out``, removes the chunk folder and says so. A finished ``out`` of the same plan is
+    left as it is (said); one of another plan, or one that records none, is refused (:class:`PlanMismatch`).
+    Returns ``out`` on rank 0, None elsewhere.
     """
     import shutil
 
     from accelerate import PartialState
 
+    out = check_output_path(out, "--out", (".npz",))
     state = PartialState(cpu=not torch.cuda.is_available())
-    model, diffusion, sample_cfg, decode = _setup(checkpoint, sample_overrides or {}, use_ema, state.device)
+    model, diffusion, sample_cfg, decode, source = _setup(checkpoint, sample_overrides or {}, use_ema, state.device)
     y = make_labels(num_images, model.num_classes, labels, sample_cfg["seed"])
+    if out.exists():
+        recorded = recorded_plan(out)
+        if recorded is None:
+            raise PlanMismatch(f"{out} exists and records no plan (written by another tool, an older version, or "
+                               f"not an .npz): delete it or choose another --out")
+        _refuse_other_plan(f"{out} already holds {recorded['num_images']} samples", recorded,
+                           sample_plan(model, y, sample_cfg["batch_size"], sample_cfg, sample_cfg["seed"], source),
+                           "delete it or choose another --out")
+        if state.is_main_process:
+            say(f"{out} already holds these samples (same checkpoint and settings): nothing to do")
+        return out if state.is_main_process else None
+    if state.is_main_process:
+        remove_temp_files(out.parent, rf"\.{re.escape(out.name)}\.tmp-\d+")  # of a killed merge
     folder = sample_chunks(model, diffusion, out, y, sample_cfg["batch_size"], sample_cfg, sample_cfg["seed"], decode,
-                           state.process_index, state.num_processes, progress and state.is_main_process)
+                           state.process_index, state.num_processes, progress and state.is_main_process, source)
     state.wait_for_everyone()
     if not state.is_main_process:
         return None
     merge_chunks(folder, out)
     shutil.rmtree(folder)
-    return Path(out)
+    say(f"wrote {out}")
+    return out

@@ -90,7 +90,7 @@ def test_bad_inputs(tmp_path):
 
 
 def test_cli_missing_inception(tmp_path):
-    np.savez(tmp_path / "s.npz", images(4))
+    np.savez(tmp_path / "s.npz", images(10))
     missing = str(tmp_path / "nope.pth")
     res = subprocess.run([sys.executable, os.path.join(ROOT, "tools", "eval_fid.py"), str(tmp_path / "s.npz"),
                           str(tmp_path / "s.npz"), "--inception", missing], capture_output=True, text=True)

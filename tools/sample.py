@@ -6,9 +6,12 @@
         --cfg-scale 1.5 --labels balanced
 
 CHECKPOINT is a checkpoint file or a run directory (its newest checkpoint). Sampling settings default
-to the run's `sample` config; the options below override them. A restarted .npz job skips the chunks
-it already finished. An unconditional model (e.g. a converted official ZigMa) takes --num-images, not
---classes, and needs --cfg-scale 1; its .npz has no labels (arr_1).
+to the run's `sample` config; the options below override them. An .npz records its plan: the checkpoint
+(sha256, EMA or raw), the VAE, the sampler and its settings, the guidance, N, the labels and the seed. A
+restarted .npz job skips the chunks it already finished, and refuses, naming what differs, when the
+checkpoint or a setting changed; a finished .npz is never overwritten. An unconditional model (e.g. a
+converted official ZigMa) takes --num-images, not --classes, and needs --cfg-scale 1; its .npz has no
+labels (arr_1).
 """
 import argparse
 import os
@@ -45,7 +48,13 @@ def main():
     args = parser.parse_args()
     if (args.classes is None) == (args.num_images is None):
         parser.error("give either --classes (a PNG grid of chosen classes) or --num-images (an .npz, or a PNG grid)")
-    grid = args.classes is not None or args.out.lower().endswith(".png")
+    suffix = Path(args.out).suffix.lower()
+    if args.classes is not None and suffix != ".png":
+        parser.error(f"--classes draws a PNG grid: give --out a .png path, not {args.out!r} (an .npz of samples "
+                     f"takes --num-images N)")
+    if suffix not in (".png", ".npz"):
+        parser.error(f"--out {args.out!r} must end in .png (a grid) or .npz (samples for tools/eval_fid.py)")
+    grid = suffix == ".png"
     overrides = {"sampler": args.sampler, "steps": args.steps, "cfg_scale": args.cfg_scale,
                  "interval": tuple(args.interval) if args.interval else None, "guided_channels": args.guided_channels,
                  "routing_guidance": tuple(args.routing_guidance) if args.routing_guidance else None,
@@ -55,10 +64,9 @@ def main():
     if grid:
         path = sample_grid_file(args.checkpoint, args.out, args.classes, args.per_class, overrides, not args.raw,
                                 num_images=args.num_images, label_mode=args.labels)
-    else:
-        path = sample_npz_file(args.checkpoint, args.out, args.num_images, args.labels, overrides, not args.raw)
-    if path is not None:
         print(f"wrote {path}")
+    else:
+        sample_npz_file(args.checkpoint, args.out, args.num_images, args.labels, overrides, not args.raw)
 
 
 if __name__ == "__main__":

@@ -3,19 +3,25 @@
 Each image is ADM-centre-cropped to image_size, scaled to [-1, 1], and encoded with and without a
 horizontal flip; the posterior mean and std are stored in float16. Shards are independent: rank r of
 world_size processes shards r, r + world_size, ...; finished shards are skipped, so a run can be resumed.
+A resumed run must be the same extraction: same images, settings and VAE (its weights' sha256), else it
+stops before any work, naming what differs. An image that cannot be decoded (truncated, empty, not an
+image) stops the run, named: skipping it would change the image list that the index records.
 """
 import hashlib
 import os
+import re
 
 import numpy as np
 import torch
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
+from ssm_tread.errors import UserError
+from ssm_tread.files import remove_temp_files, weights_sha256
 from ssm_tread.progress import progress_bar
 
-from .latents import FORMAT, SCALE_FACTOR, index_path, latent_statistics, read_json, shard_problem, \
-    write_json, write_shard
+from .latents import FORMAT, SCALE_FACTOR, index_path, latent_statistics, other_vae_shards, read_index, \
+    shard_problem, write_json, write_shard
 from .transforms import adm_center_crop
 
 IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")  # torchvision's ImageFolder's
@@ -42,8 +48,13 @@ def list_image_folder(root):
     return classes, samples
 
 
+class ImageError(UserError, ValueError):
+    """An image file that cannot be decoded; the message names it."""
+
+
 class CenterCropImages(Dataset):
-    """(relative path, label) list -> (image float [3, S, S] in [-1, 1], label)."""
+    """(relative path, label) list -> (image float [3, S, S] in [-1, 1], label, error). ``error`` is "" or, for
+    a file that cannot be decoded, why (the image is then zeros): a worker process cannot raise it in one line."""
 
     def __init__(self, root, samples, image_size):
         self.root, self.samples, self.image_size = root, samples, image_size
@@ -53,10 +64,13 @@ class CenterCropImages(Dataset):
 
     def __getitem__(self, i):
         path, label = self.samples[i]
-        with Image.open(os.path.join(self.root, path)) as image:
-            image = adm_center_crop(image.convert("RGB"), self.image_size)
+        try:
+            with Image.open(os.path.join(self.root, path)) as image:
+                image = adm_center_crop(image.convert("RGB"), self.image_size)
+        except (OSError, SyntaxError, ValueError) as e:  # PIL's errors for truncated, empty and foreign files
+            return torch.zeros(3, self.image_size, self.image_size), label, f"{type(e).__name__}: {e}"
         x = torch.from_numpy(np.array(image)).permute(2, 0, 1).float() / 127.5 - 1  # [3, S, S]
-        return x, label
+        return x, label, ""
 
 
 def load_vae(path, device="cpu"):
@@ -77,22 +91,37 @@ def plan_index(classes, samples, vae, image_size, shard_size, image_root, vae_pa
              "latent_shape": [vae.config.latent_channels, image_size // down, image_size // down],
              "num_images": len(samples), "num_classes": len(classes), "classes": classes,
              "shard_size": shard_size, "source": os.path.abspath(image_root), "vae": os.path.abspath(vae_path),
-             "files_sha256": hashlib.sha256(listing).hexdigest(), "shards": shards}
+             "vae_sha256": weights_sha256(vae_path), "files_sha256": hashlib.sha256(listing).hexdigest(),
+             "shards": shards}
     return index
 
 
-def write_or_check_index(out_dir, index):
-    """Write index.json, or check that an existing one (a run being resumed) has the same plan."""
+PLAN_KEYS = ("format", "image_size", "latent_shape", "shard_size", "num_images", "classes", "files_sha256")
+
+
+def write_or_check_index(out_dir, index, write=True):
+    """Write index.json (``write``: this process is the one that writes it), or check that an existing one (a
+    run being resumed) has the same plan and VAE, and that its finished shards come from that VAE."""
     path = index_path(out_dir)
-    if os.path.exists(path):
-        old = read_json(path)
-        keys = ["format", "image_size", "latent_shape", "shard_size", "num_images", "classes", "files_sha256"]
-        changed = [k for k in keys if old.get(k) != index[k]]
-        if changed:
-            raise ValueError(f"{out_dir} holds latents of a different extraction (differs in {', '.join(changed)}); "
-                             f"use another --out directory or delete this one")
+    if not os.path.exists(path):
+        if write:
+            write_json(path, index)
         return
-    write_json(path, index)
+    old = read_index(out_dir)
+    changed = [k for k in PLAN_KEYS if old.get(k) != index[k]]
+    if old.get("vae_sha256"):
+        same_vae = old["vae_sha256"] == index["vae_sha256"]
+    else:  # an index written before VAE checksums: its path is all there is
+        same_vae = old.get("vae") == index["vae"]
+    if not same_vae:
+        changed.append(f"VAE: {old.get('vae')} (sha256 {str(old.get('vae_sha256'))[:12]}) was used, --vae is "
+                       f"{index['vae']} (sha256 {index['vae_sha256'][:12]})")
+    if changed:
+        raise ValueError(f"{out_dir} holds latents of a different extraction (differs in {'; '.join(changed)}): "
+                         f"resume with the first run's settings, or use another --out directory")
+    if other := other_vae_shards(out_dir, index):
+        raise ValueError(f"{out_dir}: shards {', '.join(other)} were encoded by another VAE than --vae "
+                         f"{index['vae']}; delete their .json records, or use another --out directory")
 
 
 @torch.no_grad()
@@ -111,21 +140,31 @@ def extract_latents(image_root, out_dir, vae_path, image_size=256, batch_size=32
     vae = load_vae(vae_path, device)
     index = plan_index(classes, samples, vae, image_size, shard_size, image_root, vae_path)
     os.makedirs(out_dir, exist_ok=True)
-    write_or_check_index(out_dir, index)
+    write_or_check_index(out_dir, index, write=rank == 0)
     todo = [s for s in index["shards"][rank::world_size] if shard_problem(out_dir, s)]
-    bar = progress_bar(total=sum(s["count"] for s in todo), enabled=progress, desc=f"rank {rank}", unit="img",
-                       position=rank)
-    for shard in todo:
-        images = CenterCropImages(image_root, samples[shard["start"]:shard["start"] + shard["count"]], image_size)
-        loader = DataLoader(images, batch_size=batch_size, num_workers=num_workers,
-                            pin_memory=device.type == "cuda")
-        moments, labels = [], []
-        for x, y in loader:
-            moments.append(encode_moments(vae, x.to(device, non_blocking=True)))
-            labels.append(y.numpy())
-            bar.update(len(y))
-        write_shard(out_dir, shard["name"], np.concatenate(moments), np.concatenate(labels).astype(np.int64))
-    bar.close()
+    # the temp files of a killed run's writes: each rank those of the shards it (re)writes, rank 0 the index's
+    partial = [re.escape(s["name"]) + r"\.(moments\.npy|labels\.npy|json)" for s in todo]
+    partial += [r"index\.json", r"stats\.json"] if rank == 0 else []
+    if partial and (removed := remove_temp_files(out_dir, rf"({'|'.join(partial)})\.tmp\d+")):
+        print(f"rank {rank}: removed {len(removed)} temp file(s) of an interrupted extraction ({removed[0]})")
+    with progress_bar(total=sum(s["count"] for s in todo), enabled=progress, desc=f"rank {rank}", unit="img",
+                      position=rank) as bar:  # closed before an error is printed
+        for shard in todo:
+            images = CenterCropImages(image_root, samples[shard["start"]:shard["start"] + shard["count"]], image_size)
+            loader = DataLoader(images, batch_size=batch_size, num_workers=num_workers,
+                                pin_memory=device.type == "cuda")
+            moments, labels = [], []
+            for x, y, errors in loader:
+                if bad := [k for k, error in enumerate(errors) if error]:
+                    path, _ = images.samples[sum(map(len, labels)) + bad[0]]
+                    raise ImageError(f"cannot read image {os.path.join(image_root, path)} ({errors[bad[0]]}): "
+                                     f"replace it with a good copy and run the same command again (finished shards "
+                                     f"are kept; removing it changes the image list, which needs a new --out)")
+                moments.append(encode_moments(vae, x.to(device, non_blocking=True)))
+                labels.append(y.numpy())
+                bar.update(len(y))
+            write_shard(out_dir, shard["name"], np.concatenate(moments), np.concatenate(labels).astype(np.int64),
+                        index["vae_sha256"])
     if any(shard_problem(out_dir, s) for s in index["shards"]):
         return None
     return latent_statistics(out_dir)

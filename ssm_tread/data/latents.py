@@ -10,10 +10,14 @@ A latent directory (written by tools/extract_latents.py) holds
                             per-channel sums for the latent statistics
     stats.json              per-channel mean/std of the scaled latents, once every shard is done
 
-Every file is written atomically (temporary file + rename), so a shard is finished exactly when its record
-exists and its arrays have the recorded sizes. A run opening the shards checks them as ``verify`` says:
-"none" the sizes, "sample" (default) also the sampled checksum (a few hundred KiB read per shard), "full"
-everything ``--verify`` checks (every byte); a bad shard fails the run at once, named.
+The index also records what the latents come from: the VAE (its path and ``vae_sha256``, the sha256 of its
+config and weights; every shard record repeats the checksum) and the settings. Every file is written
+atomically (temporary file + rename), so a shard is finished exactly when its record exists and its arrays
+have the recorded sizes. The index is checked against the shards whenever they are opened: its shard list
+must cover exactly ``num_images`` images and every label must lie below ``num_classes`` (the label
+``num_classes`` is the null class of classifier-free guidance). A run opening the shards checks them as
+``verify`` says: "none" the sizes, "sample" (default) also the sampled checksum (a few hundred KiB read per
+shard), "full" everything ``--verify`` checks (every byte); a bad shard fails the run at once, named.
 """
 import bisect
 import hashlib
@@ -90,8 +94,9 @@ def save_array(root, name, kind, array):
             "sha256": hashlib.sha256(data).hexdigest(), "sample_sha256": sample_sha256(io.BytesIO(data), len(data))}
 
 
-def write_shard(root, name, moments, labels):
-    """moments float16 [n, 2, 2, C, h, w], labels int64 [n] -> arrays, then the shard record (last)."""
+def write_shard(root, name, moments, labels, vae_sha256=None):
+    """moments float16 [n, 2, 2, C, h, w], labels int64 [n] -> arrays, then the shard record (last), which
+    names the VAE that encoded them (``vae_sha256``)."""
     m = moments.astype(np.float64)
     mean, std = m[:, :, 0], m[:, :, 1]  # [n, 2, C, h, w]
     sums = {"count": int(mean.size // mean.shape[2]),
@@ -101,7 +106,7 @@ def write_shard(root, name, moments, labels):
     record = {"name": name, "count": len(labels),
               "arrays": {"moments": save_array(root, name, "moments", moments),
                          "labels": save_array(root, name, "labels", labels)},
-              "sums": sums}
+              "sums": sums, "vae_sha256": vae_sha256}
     write_json(record_path(root, name), record)
     return record
 
@@ -115,6 +120,8 @@ def shard_problem(root, shard):
         record = read_json(record_path(root, name))
     except (OSError, ValueError):
         return "record unreadable"
+    if record.get("count") != shard["count"]:
+        return f"its record holds {record.get('count')} images, the index says {shard['count']}"
     for kind, entry in record["arrays"].items():
         path = array_path(root, name, kind)
         if not os.path.exists(path):
@@ -172,22 +179,87 @@ def check_shard(root, shard, index):
     return None
 
 
+INDEX_KEYS = ("latent_shape", "num_images", "num_classes", "scale_factor", "shards")
+INDEX_FIX = ("delete it and re-run tools/extract_latents.py with the settings of the first run (it rewrites the "
+             "index and keeps the finished shards)")
+
+
 def read_index(root):
-    if not os.path.isfile(index_path(root)):
+    """The index of a latent directory, its shape checked (a :class:`LatentShardError` names the file)."""
+    path = index_path(root)
+    if not os.path.isfile(path):
         raise FileNotFoundError(
-            f"no latent index at {index_path(root)}: the latent directory {root!r} does not exist or was not "
+            f"no latent index at {path}: the latent directory {root!r} does not exist or was not "
             f"written yet. Create it with\n  python tools/extract_latents.py --data /path/to/imagenet/train "
             f"--out {root} --vae /path/to/sd-vae-ft-ema\n(under torchrun for several GPUs).")
-    index = read_json(index_path(root))
-    if index.get("format") != FORMAT:
-        raise LatentShardError(f"{index_path(root)} is not a {FORMAT} index (format={index.get('format')!r}); "
+    try:
+        index = read_json(path)
+    except ValueError:  # JSON or UTF-8 errors
+        what = "empty" if os.path.getsize(path) == 0 else "not valid JSON (truncated or corrupt)"
+        raise LatentShardError(f"latent index {path} is {what}: {INDEX_FIX}") from None
+    if not isinstance(index, dict) or index.get("format") != FORMAT:
+        found = index.get("format") if isinstance(index, dict) else type(index).__name__
+        raise LatentShardError(f"{path} is not a {FORMAT} index (format={found!r}); "
                                f"point data.root at the --out folder of tools/extract_latents.py")
+    if missing := [k for k in INDEX_KEYS if k not in index]:
+        raise LatentShardError(f"latent index {path} lacks {', '.join(missing)}: {INDEX_FIX}")
+    shards = index["shards"]
+    if not (isinstance(shards, list) and shards and all(isinstance(s, dict) and {"name", "start", "count"} <= set(s)
+                                                        for s in shards)):
+        raise LatentShardError(f"latent index {path} holds no shard list ('shards': [{{name, start, count}}, ...]): "
+                               f"{INDEX_FIX}")
     return index
 
 
+def check_index(root, index):
+    """Check the index against its shards (raises :class:`LatentShardError` naming the file): the shards
+    follow each other and hold ``num_images`` images, and every finished shard holds labels below
+    ``num_classes`` only and was encoded by the index's VAE."""
+    path, start = index_path(root), 0
+    for shard in index["shards"]:
+        if shard["start"] != start:
+            raise LatentShardError(f"latent index {path}: {shard['name']} starts at image {shard['start']}, "
+                                   f"expected {start} (the shards must follow each other): {INDEX_FIX}")
+        start += shard["count"]
+    if start != index["num_images"]:
+        raise LatentShardError(f"latent index {path}: num_images is {index['num_images']} but its shards hold "
+                               f"{start} images: {INDEX_FIX}")
+    classes = index.get("classes")
+    if classes is not None and len(classes) != index["num_classes"]:
+        raise LatentShardError(f"latent index {path}: num_classes is {index['num_classes']} but it lists "
+                               f"{len(classes)} classes: {INDEX_FIX}")
+    for shard in index["shards"]:
+        if shard_problem(root, shard):
+            continue
+        labels = np.load(array_path(root, shard["name"], "labels"), mmap_mode="r")
+        if len(labels) and not 0 <= labels.min() <= labels.max() < index["num_classes"]:
+            raise LatentShardError(
+                f"latent index {path}: num_classes is {index['num_classes']} but {shard['name']} holds labels "
+                f"{labels.min()}..{labels.max()} (a label num_classes would train as the null class): {INDEX_FIX}")
+    if other := other_vae_shards(root, index):
+        raise LatentShardError(f"latent shards {', '.join(other)} in {root} were encoded by another VAE than the "
+                               f"one {path} names ({index.get('vae')}): delete their .json records and re-run "
+                               f"tools/extract_latents.py with that VAE")
+
+
+def other_vae_shards(root, index):
+    """Names of the finished shards whose record names another VAE than the index (both recorded)."""
+    if not index.get("vae_sha256"):
+        return []
+    other = []
+    for shard in index["shards"]:
+        if os.path.exists(record_path(root, shard["name"])):
+            recorded = read_json(record_path(root, shard["name"])).get("vae_sha256")
+            if recorded and recorded != index["vae_sha256"]:
+                other.append(shard["name"])
+    return other
+
+
 def verify_shards(root, progress=True):
-    """Check every shard listed in the index. Returns {shard name: problem} (empty when all are good)."""
+    """Check the index against the shards (:func:`check_index`, which raises), then every shard it lists.
+    Returns {shard name: problem} (empty when all are good)."""
     index = read_index(root)
+    check_index(root, index)
     problems = {}
     for shard in progress_bar(index["shards"], enabled=progress, desc="verify", unit="shard"):
         problem = check_shard(root, shard, index)
@@ -241,6 +313,7 @@ class LatentShardDataset(Dataset):
             raise LatentShardError(
                 f"{listing}\nfix: delete the bad shards' .json records and re-run tools/extract_latents.py "
                 f"(it rewrites only those), or check every shard with --verify --out {root}")
+        check_index(root, index)
         self.shards = index["shards"]
         self.starts = [s["start"] for s in self.shards]
         self.num_images = index["num_images"]

@@ -3,6 +3,10 @@
 Samples: an .npz whose arr_0 is uint8 [N, H, W, 3]. Reference (e.g. VIRTUAL_imagenet256_labeled.npz):
 arr_0 images and, when present, the stored statistics mu/sigma (pool_3) and mu_s/sigma_s (spatial), which
 are used for FID and sFID in place of statistics of its images, as the ADM evaluator does.
+
+Before any feature is computed the counts are checked (10 samples for the Inception Score's 10 splits,
+more than 3 reference images for precision/recall with k=3); after, features without spread (trace of
+their covariance essentially zero, as from untrained Inception weights) are refused instead of reported.
 """
 import os
 import zipfile
@@ -13,6 +17,21 @@ import numpy as np
 from .features import compute_features
 from .inception import DEFAULT_INCEPTION_PATH, InceptionFeatures
 from .metrics import feature_statistics, frechet_distance, inception_score, precision_recall
+
+IS_SPLITS, PR_K = 10, 3  # the ADM evaluator's
+MIN_SPREAD = 1e-6  # least trace of the pool_3 covariance: features varying less carry nothing about the images
+
+
+def check_spread(features, what, inception_path):
+    """Raise unless ``features`` [N, D] vary: the trace of their covariance must exceed ``MIN_SPREAD`` times
+    max(1, |mean|^2), else the FID would measure nothing."""
+    mu, sigma = feature_statistics(features)
+    spread = float(np.trace(sigma))
+    if spread <= MIN_SPREAD * max(1.0, float(mu @ mu)):
+        raise ValueError(f"the Inception features of the {what} are degenerate (trace of their covariance "
+                         f"{spread:.1e}): the weights in {inception_path} are not the trained FID Inception "
+                         f"(pt_inception-2015-12-05-6726825d.pth), or every image is the same; refusing to report "
+                         f"an FID")
 
 
 class NpzImages:
@@ -94,6 +113,9 @@ def evaluate_npz(samples_path, reference_path, inception_path=DEFAULT_INCEPTION_
         raise ValueError(f"{samples_path} stores mu/sigma: it is a reference batch, given where the samples go. "
                          f"The order is SAMPLES REFERENCE (ADM's evaluator.py takes REFERENCE SAMPLES): swap the two")
     samples.require()
+    if len(samples) < IS_SPLITS:
+        raise ValueError(f"{samples_path} holds {len(samples)} samples: the Inception Score needs at least "
+                         f"{IS_SPLITS} (one per split); ADM evaluates 50,000")
     reference = NpzImages(reference_path)
     stored = reference_statistics(reference_path, ["mu", "sigma"])
     stored_s = reference_statistics(reference_path, ["mu_s", "sigma_s"])
@@ -103,17 +125,22 @@ def evaluate_npz(samples_path, reference_path, inception_path=DEFAULT_INCEPTION_
     if reference.present and samples.shape[1:] != reference.shape[1:]:
         raise ValueError(f"samples are {samples.shape[1]}x{samples.shape[2]} images but the reference images are "
                          f"{reference.shape[1]}x{reference.shape[2]}; evaluate samples at the reference resolution")
+    if reference.present and len(reference) <= PR_K:
+        raise ValueError(f"{reference_path} holds {len(reference)} reference images: precision and recall "
+                         f"(k={PR_K}) need more than {PR_K}")
     extractor = extractor or InceptionFeatures(inception_path, device)
     feats = compute_features(extractor, samples.batches(batch_size), samples.num_batches(batch_size),
                              progress, desc="sample features")
+    check_spread(feats["pool"], f"{len(samples)} samples", inception_path)
     ref_feats = None
     if reference.present:
         ref_feats = compute_features(extractor, reference.batches(batch_size), reference.num_batches(batch_size),
                                      progress, desc="reference features")
+        check_spread(ref_feats["pool"], f"{len(reference)} reference images", inception_path)
     ref_stats = stored or feature_statistics(ref_feats["pool"])
     ref_stats_s = stored_s or (feature_statistics(ref_feats["spatial"]) if ref_feats else None)
     results = {
-        "inception_score": inception_score(feats["logits"], splits=10),
+        "inception_score": inception_score(feats["logits"], splits=IS_SPLITS),
         "fid": frechet_distance(*feature_statistics(feats["pool"]), *ref_stats),
         "sfid": frechet_distance(*feature_statistics(feats["spatial"]), *ref_stats_s) if ref_stats_s else None,
         "precision": None, "recall": None,
@@ -122,7 +149,7 @@ def evaluate_npz(samples_path, reference_path, inception_path=DEFAULT_INCEPTION_
         "samples": os.path.abspath(samples_path), "reference": os.path.abspath(reference_path),
     }
     if ref_feats is not None:
-        results["precision"], results["recall"] = precision_recall(ref_feats["pool"], feats["pool"], k=3,
+        results["precision"], results["recall"] = precision_recall(ref_feats["pool"], feats["pool"], k=PR_K,
                                                                    device=getattr(extractor, "device", None))
     return results
 

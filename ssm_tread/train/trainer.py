@@ -35,6 +35,7 @@ from ssm_tread.checkpoint import (
     load_newest_good,
     load_weights,
     prune_checkpoints,
+    remove_partial_checkpoints,
     save_checkpoint,
 )
 from ssm_tread.errors import UserError
@@ -322,6 +323,7 @@ def open_outputs(run: Run, fresh: bool) -> None:
                               f"(eval.num_samples=0 eval.every=0)") from None
     if run.main:  # the run has started: its config replaces the one of the run dir
         save_config(cfg, run.run_dir / "config.json")
+        remove_partial_checkpoints(run.ckpt_dir)  # a killed write's temp files (rank 0 holds the run dir's lock)
     if run.main and fresh:
         for _, old in list_checkpoints(run.ckpt_dir):  # an earlier run's, with train.overwrite=true
             old.unlink()
