@@ -38,6 +38,15 @@ def test_forward_backward(routes):
     assert all(p.grad.abs().sum() > 0 for p in model.blocks[2].mixer.parameters())
 
 
+def test_every_gradient_has_its_parameters_layout():
+    """DDP copies gradients into buckets laid out like the parameters and warns ("Grad strides do not
+    match bucket view strides") for any other layout; the depthwise convs once got channels-last ones."""
+    model = tiny(routes=[(1, 3, 0.5)])
+    model(*model_inputs()).square().mean().backward()
+    for name, p in model.named_parameters():
+        assert p.grad.stride() == p.stride(), (name, p.grad.stride(), p.stride())
+
+
 # OFFICIAL_MODELS.md section 3.11: total, mixers, skip Linears, adaLN-single (timestep MLP and class
 # table included), label_emb (our class_tokens), proj_out_1 (our final adaLN), additional_embed (our pos_embed)
 OFFICIAL_COUNTS = {

@@ -229,7 +229,9 @@ class DiM(nn.Module):
         c = self.t_embedder(t) + self.y_embedder(y, train=False)  # [B, D]
 
         tokens = torch.cat([tau.unsqueeze(1), kappa.unsqueeze(1), self.x_embedder(x)], dim=1) + self.pos_embed
-        patches = rearrange(tokens[:, 2:], "b (h w) d -> b d h w", h=h)  # [B, D, h, w]
+        # the convs read contiguous [B, D, h, w]: on the channels-last view that rearrange gives, their
+        # weights' gradients would come out channels-last, against DDP's layout contract for gradients
+        patches = rearrange(tokens[:, 2:], "b (h w) d -> b d h w", h=h).contiguous()  # [B, D, h, w]
         patches = rearrange(self.in_conv(patches), "b d h w -> b (h w) d")  # [B, h*w, D]
         prefix = torch.cat([tokens[:, :2], self.learned_tokens.expand(batch, -1, -1)], dim=1)  # [B, 5, D]
         padded = self.pad_tokens[self.pad_index].expand(batch, -1, -1)  # [B, (h+3)*(w+3), D]
@@ -247,7 +249,7 @@ class DiM(nn.Module):
             if self.stores_skip[i]:
                 skips.append((x, routing.tag()))
 
-        x = rearrange(x[:, self.grid_positions], "b (h w) d -> b d h w", h=h)  # drop prefix, unpad: [B, D, h, w]
+        x = rearrange(x[:, self.grid_positions], "b (h w) d -> b d h w", h=h).contiguous()  # drop prefix, unpad
         x = rearrange(self.out_conv(x), "b d h w -> b (h w) d")  # [B, h*w, D]
         x = self.final_layer(x, tau + kappa)  # [B, h*w, p*p*out_channels]
         x = unpatchify(x, self.grid_size, self.patch_size, self.out_channels)  # [B, out_channels, H, W]
