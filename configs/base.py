@@ -59,7 +59,6 @@ train = dict(
     resume="none",            # "none", "auto" (newest checkpoint of run_dir, if any) or a checkpoint path
     init_from="",             # a fresh run starts from this checkpoint's EMA weights (fine-tuning, e.g. a
                               # converted official one: tools/convert_checkpoint.py); empty: random init
-    overwrite=False,          # a fresh run may replace the checkpoints of an earlier run in run_dir
     ckpt_every=10_000,
     keep_last=2,              # newest checkpoints kept besides milestones; >= 1 (the newest is never pruned)
     keep_every=50_000,        # milestone checkpoints kept for good; 0: none

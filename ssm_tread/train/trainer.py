@@ -142,8 +142,9 @@ class StopSignal:
             signal.signal(s, handler)
 
 
-def find_resume(cfg: dict, ckpt_dir: Path, say=print) -> dict | None:
-    """The loaded checkpoint to continue from, or None for a fresh run (which must not clobber an earlier one).
+def find_resume(cfg: dict, ckpt_dir: Path, say=print, overwrite: bool = False) -> dict | None:
+    """The loaded checkpoint to continue from, or None for a fresh run, which replaces the checkpoints of an
+    earlier run only with ``overwrite`` (asked for on the command line: tools/train.py --overwrite).
 
     ``train.resume=auto`` takes the newest good checkpoint, saying which corrupt ones it passed over, or
     says that it starts fresh when there is none."""
@@ -155,10 +156,9 @@ def find_resume(cfg: dict, ckpt_dir: Path, say=print) -> dict | None:
         return state
     if resume != "none":
         return load_checkpoint(resume)
-    if newest is not None and not cfg["train"]["overwrite"]:
+    if newest is not None and not overwrite:
         raise TrainingError(f"{ckpt_dir} already holds checkpoints (newest {newest.name}): continue that run with "
-                            f"--resume (train.resume=auto), start over with train.overwrite=true, "
-                            f"or choose another train.run_dir")
+                            f"--resume, start over with --overwrite (deletes them), or choose another train.run_dir")
     return None
 
 
@@ -199,14 +199,16 @@ class Run:
         return self.accelerator.is_main_process
 
 
-def train(cfg: dict) -> dict:
+def train(cfg: dict, overwrite: bool = False) -> dict:
     """Train as ``cfg`` says; returns a summary (run_dir, step, last checkpoint, final eval metrics).
+    ``overwrite``: a fresh run (``train.resume=none``) may delete the checkpoints of an earlier run in the
+    run dir; without it such a run dir is refused.
 
     The whole config is checked first (ConfigError, one line per problem; nothing is created). Rank 0
     holds the run dir's lock while the run lasts."""
     validate_config(cfg)
     with RunLock(run_dir_of(cfg)) if int(os.environ.get("RANK", 0)) == 0 else nullcontext():
-        run = setup(cfg)
+        run = setup(cfg, overwrite)
         stopped = loop(run)
         if stopped:
             return {"run_dir": run.run_dir, "step": run.step, "checkpoint": run.last_ckpt, "stopped": True}
@@ -227,7 +229,7 @@ def start_accelerator(tc: dict):
     return accelerator
 
 
-def setup(cfg: dict) -> Run:
+def setup(cfg: dict, overwrite: bool = False) -> Run:
     """Build or restore the model, EMA, optimizer and data stream, and open the outputs (the config is valid)."""
     tc = cfg["train"]
     accelerator = start_accelerator(tc)
@@ -235,7 +237,8 @@ def setup(cfg: dict) -> Run:
     select_scan_backend(cfg["model"]["scan_backend"])
     micro = tc["batch_size"] // (world * tc["grad_accum"])
     run_dir = run_dir_of(cfg)
-    state = find_resume(cfg, run_dir / "checkpoints", print if accelerator.is_main_process else lambda line: None)
+    state = find_resume(cfg, run_dir / "checkpoints", print if accelerator.is_main_process else lambda line: None,
+                        overwrite)
     accelerator.wait_for_everyone()
 
     dataset = build_dataset_from(cfg)
@@ -324,7 +327,7 @@ def open_outputs(run: Run, fresh: bool) -> None:
     if run.main:  # the run has started: its config replaces the one of the run dir
         save_config(cfg, run.run_dir / "config.json")
     if run.main and fresh:
-        for _, old in list_checkpoints(run.ckpt_dir):  # an earlier run's, with train.overwrite=true
+        for _, old in list_checkpoints(run.ckpt_dir):  # an earlier run's, with --overwrite
             old.unlink()
     run.last_ckpt = latest_checkpoint(run.ckpt_dir)
     run.metrics = Metrics(run.run_dir, lc["tensorboard"], run.step) if run.main else None

@@ -1,0 +1,47 @@
+"""A run's life through tools/train.py: overwriting is asked for on the command line only, a torn metrics
+line and a finished run on --resume, signals (stop within seconds, exit 128 + the signal's number, a
+second Ctrl-C while exiting), errors printed once under torchrun, and what git ignores. Each case runs
+the real tool (under a tests/faults.py fault where the moment cannot be staged otherwise)."""
+import json
+import subprocess
+
+import pytest
+from helpers import ROOT, assert_fails_in_one_line, run_tool
+from test_train import TINY
+
+from ssm_tread.checkpoint import latest_checkpoint, load_checkpoint
+from ssm_tread.train.config import ConfigError, load_config
+
+
+def train_tool(run_dir, *args, fault=None, env=None):
+    return run_tool("tools/train.py", "configs/quickstart.py", *TINY, f"train.run_dir={run_dir}", *args, fault=fault,
+                    env=env)
+
+
+def test_a_second_run_without_resume_keeps_the_first_and_says_what_to_do(tmp_path):
+    assert train_tool(tmp_path, "train.steps=2").returncode == 0
+    done = train_tool(tmp_path, "train.steps=2", "optim.lr=2e-3")
+    assert_fails_in_one_line(done, 1, "already holds checkpoints", "--resume", "--overwrite")
+    assert load_checkpoint(latest_checkpoint(tmp_path / "checkpoints"))["config"]["optim"]["lr"] == 1e-3
+    done = train_tool(tmp_path, "train.steps=2", "optim.lr=2e-3", "--overwrite")
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert load_checkpoint(latest_checkpoint(tmp_path / "checkpoints"))["config"]["optim"]["lr"] == 2e-3
+
+
+def test_no_config_can_overwrite_a_run(tmp_path):
+    with pytest.raises(ConfigError, match="train.overwrite is no longer a config key: .*--overwrite"):
+        load_config("configs/quickstart.py", ["train.overwrite=true"])
+    (tmp_path / "mine.py").write_text("from quickstart import *\ntrain['overwrite'] = True\n")
+    with pytest.raises(ConfigError, match="tools/train.py --overwrite"):
+        load_config(tmp_path / "mine.py")
+
+
+@pytest.mark.parametrize("path, ignored", [("checkpoints/sd-vae-ft-ema/config.json", True),
+                                           ("data/imagenet256_latents/index.json", True),
+                                           ("samples/dim_l_tread.npz", True), ("runs/quickstart/eval.json", True),
+                                           ("ssm_tread/data/latents.py", False)])
+def test_the_readmes_folders_are_git_ignored(path, ignored):
+    done = subprocess.run(["git", "check-ignore", "-q", path], cwd=ROOT, check=False)
+    if done.returncode == 128:
+        pytest.skip("not a git checkout")
+    assert (done.returncode == 0) == ignored
