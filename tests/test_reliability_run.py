@@ -45,3 +45,14 @@ def test_the_readmes_folders_are_git_ignored(path, ignored):
     if done.returncode == 128:
         pytest.skip("not a git checkout")
     assert (done.returncode == 0) == ignored
+
+
+def test_resume_drops_a_torn_last_metrics_line_and_says_so(tmp_path):
+    assert train_tool(tmp_path, "train.steps=2", "train.ckpt_every=1").returncode == 0
+    metrics = tmp_path / "metrics.jsonl"
+    text = metrics.read_text()
+    metrics.write_text(text[:-len(text.splitlines()[-1]) // 2 - 1])  # half of step 2's line: a full disk
+    done = train_tool(tmp_path, "train.steps=3", "--resume")
+    assert done.returncode == 0 and "Traceback" not in done.stderr, done.stderr[-3000:]
+    assert f"{metrics}: dropping its torn last line 2" in done.stdout
+    assert [json.loads(line)["step"] for line in metrics.read_text().splitlines()] == [1, 3]
