@@ -56,3 +56,11 @@ def test_resume_drops_a_torn_last_metrics_line_and_says_so(tmp_path):
     assert done.returncode == 0 and "Traceback" not in done.stderr, done.stderr[-3000:]
     assert f"{metrics}: dropping its torn last line 2" in done.stdout
     assert [json.loads(line)["step"] for line in metrics.read_text().splitlines()] == [1, 3]
+
+
+def test_resume_of_a_finished_run_says_it_is_complete(tmp_path):
+    assert train_tool(tmp_path, "train.steps=2").returncode == 0
+    done = train_tool(tmp_path, "train.steps=2", "--resume")
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "the run is complete at step 2 (train.steps=2): nothing to train" in done.stdout
+    assert "resume with a larger train.steps" in done.stdout

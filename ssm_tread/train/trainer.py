@@ -344,6 +344,9 @@ def open_outputs(run: Run, fresh: bool) -> None:
               + (f"; resuming from step {run.step}" if run.step else ""))
         if cfg["train"]["fsdp"] and not fsdp:
             print("train.fsdp: a single process has nothing to shard; it trains unsharded")
+        if run.step >= cfg["train"]["steps"]:
+            print(f"the run is complete at step {run.step} (train.steps={cfg['train']['steps']}): nothing to train, "
+                  f"only its final outputs are made again; to train longer, resume with a larger train.steps")
 
 
 def loop(run: Run) -> bool:
