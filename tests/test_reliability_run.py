@@ -64,3 +64,13 @@ def test_resume_of_a_finished_run_says_it_is_complete(tmp_path):
     assert done.returncode == 0, done.stderr[-3000:]
     assert "the run is complete at step 2 (train.steps=2): nothing to train" in done.stdout
     assert "resume with a larger train.steps" in done.stdout
+
+
+@pytest.mark.parametrize("override, line", [
+    ("routing.routes=[1,1,0.5]", "error: routing.routes=[1, 1, 0.5]: route 0 1: give a Route"),
+    ("model.kwargs.router_ratio=0.5", "error: model.kwargs={'hidden_size': 32, 'depth': 3, 'num_heads': 2, "
+                                      "'patch_size': 4, 'router_ratio': 0.5}: DiT: unknown argument(s) router_ratio")])
+def test_a_bad_route_is_blamed_on_the_routes_and_a_bad_keyword_on_the_model(tmp_path, override, line):
+    done = train_tool(tmp_path, override)
+    assert_fails_in_one_line(done, 2, line)
+    assert "0 <= start <= end < 3" in done.stderr or "fix the model's keyword arguments" in done.stderr

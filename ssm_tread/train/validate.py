@@ -76,27 +76,39 @@ def dataset_geometry(cfg: dict) -> dict | None:
             "num_classes": index["num_classes"]}
 
 
+def _first_line(error: Exception) -> str:
+    return str(error).splitlines()[0] if str(error) else type(error).__name__
+
+
 def _check_model(cfg: dict, geometry: dict | None, problems: _Problems) -> None:
-    """Build the model on the meta device: checks its name, keyword arguments and routes against its depth."""
+    """Build the model on the meta device, first without routes (checks its name and keyword arguments), then
+    with them: an error is the routes' only when the model without them builds (parse_routes, or the model)."""
     from ssm_tread.models import create_model
+    from ssm_tread.routing import parse_routes
 
     m, r = cfg["model"], cfg["routing"]
     data = SimpleNamespace(**(geometry or {"image_size": 32, "channels": 4, "num_classes": 1000}))
-    try:
-        name, kwargs = model_spec(cfg, data)  # a keyword given twice (model.kwargs.num_classes) is a TypeError
+    try:  # a keyword given twice (model.kwargs.num_classes) is a TypeError
+        name, kwargs = model_spec({**cfg, "routing": {**r, "routes": []}}, data)
         with torch.device("meta"):
-            create_model(name, **kwargs)
+            depth = len(create_model(name, **kwargs).blocks)
     except (ValueError, TypeError, AssertionError) as e:
-        message = str(e).splitlines()[0] if str(e) else type(e).__name__
-        if "route" in message:
-            problems.add("routing.routes", r["routes"], message,
-                         "change routing.routes (start, end, ratio), end inclusive, or the model's depth")
-        elif "unknown model" in message:
+        message = _first_line(e)
+        if "unknown model" in message:
             problems.add("model.name", m["name"], message.split(" Valid names")[0],
-                         "choose DiT-{S,B,L,XL}/{2,4,8}, DiM-{L,H}/2, ZigMa-{S,B,M,L,H}/{1,2}, "
+                         "choose DiT-{S,B,L,XL}/{2,4,8}, DiM-{S,B,L,H}/2, ZigMa-{S,B,M,L,H}/{1,2,4}, "
                          "or DiT, DiM, ZigMa with model.kwargs")
         else:
             problems.add("model.kwargs", m["kwargs"], message, "fix the model's keyword arguments")
+        return
+    try:
+        parse_routes(r["routes"], depth)
+        name, kwargs = model_spec(cfg, data)
+        with torch.device("meta"):
+            create_model(name, **kwargs)
+    except (ValueError, TypeError, AssertionError) as e:
+        problems.add("routing.routes", r["routes"], _first_line(e), f"give a list of (start, end, ratio) with "
+                     f"0 <= start <= end < {depth} (the model's depth), e.g. routing.routes=[(1, 1, 0.5)]")
 
 
 def _check_sampling(cfg: dict, problems: _Problems) -> None:
