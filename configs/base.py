@@ -81,7 +81,8 @@ sample = dict(
     use_ema=True,             # sample with the EMA weights
     batch_size=32,            # per rank
     vae="checkpoints/sd-vae-ft-ema",  # local copy of stabilityai/sd-vae-ft-ema (latent models)
-    grid_classes=[207, 360, 387, 974, 88, 979, 417, 279],  # rows of the sample grids
+    grid_classes=None,        # rows of the sample grids; None: 8 classes of the data set (on ImageNet's 1000
+                              # the DiT README's 207, 360, 387, 974, 88, 979, 417, 279; else spread evenly)
     grid_per_class=8,         # samples of each class in the sample grids
     grid_cols=0,              # grid columns; 0: grid_per_class (one row per class)
     seed=0,

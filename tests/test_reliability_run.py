@@ -7,10 +7,11 @@ import subprocess
 
 import pytest
 from helpers import ROOT, assert_fails_in_one_line, run_tool
+from test_reliability_io import LATENT, latents  # noqa: F401 (a fixture)
 from test_train import TINY
 
 from ssm_tread.checkpoint import latest_checkpoint, load_checkpoint
-from ssm_tread.train.config import ConfigError, load_config
+from ssm_tread.train.config import ConfigError, grid_classes, load_config
 
 
 def train_tool(run_dir, *args, fault=None, env=None):
@@ -74,3 +75,20 @@ def test_a_bad_route_is_blamed_on_the_routes_and_a_bad_keyword_on_the_model(tmp_
     done = train_tool(tmp_path, override)
     assert_fails_in_one_line(done, 2, line)
     assert "0 <= start <= end < 3" in done.stderr or "fix the model's keyword arguments" in done.stderr
+
+
+def test_grid_classes_are_checked_only_where_grids_are_drawn(latents, tmp_path):
+    imagenet_ids = "sample.grid_classes=[207, 360, 387]"  # the 10-class latents have no such classes
+    done = train_tool(tmp_path / "off", *LATENT, f"data.root={latents}", "train.steps=1", imagenet_ids)
+    assert done.returncode == 0, done.stderr[-3000:]
+    done = train_tool(tmp_path / "on", *LATENT, f"data.root={latents}", "log.grid_every=1", imagenet_ids)
+    assert_fails_in_one_line(done, 2, "sample.grid_classes=[207, 360, 387]: needs a list of classes in 0..9",
+                             lines=2)  # and the missing VAE
+
+
+def test_grid_classes_default_to_classes_of_the_data_set():
+    assert grid_classes({"grid_classes": None}, 10) == [0, 1, 2, 3, 5, 6, 7, 8]
+    assert grid_classes({"grid_classes": None}, 3) == [0, 1, 2]
+    assert grid_classes({"grid_classes": None}, 1000) == [207, 360, 387, 974, 88, 979, 417, 279]  # DiT's samples
+    assert grid_classes({"grid_classes": (4, 2)}, 10) == [4, 2]
+    assert load_config("configs/dit_b2.py")["sample"]["grid_classes"] is None

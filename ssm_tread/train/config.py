@@ -190,6 +190,20 @@ def model_spec(cfg: dict, data) -> tuple[str, dict]:
     return m["name"], kwargs
 
 
+DIT_GRID_CLASSES = [207, 360, 387, 974, 88, 979, 417, 279]  # the ImageNet classes of the DiT README's samples
+
+
+def grid_classes(sample: dict, num_classes: int) -> list:
+    """The rows of a run's sample grids: ``sample.grid_classes``, or by default 8 classes of the data set (the
+    DiT README's on ImageNet's 1000, else up to 8 spread evenly over 0..num_classes-1)."""
+    if sample["grid_classes"] is not None:
+        return list(sample["grid_classes"])
+    if num_classes == 1000:
+        return DIT_GRID_CLASSES
+    rows = min(8, num_classes)
+    return [i * num_classes // rows for i in range(rows)]
+
+
 def run_dir_of(cfg: dict) -> Path:
     return Path(cfg["train"]["run_dir"] or f"runs/{cfg['_name']}")
 

@@ -35,7 +35,7 @@ from ssm_tread.eval.adm import NpzImages, reference_statistics
 from ssm_tread.eval.features import compute_features
 from ssm_tread.eval.inception import INCEPTION_URL
 from ssm_tread.sampling import chunk_generator, generate, to_uint8
-from ssm_tread.train.config import ConfigError
+from ssm_tread.train.config import ConfigError, grid_classes
 from ssm_tread.train.distributed import gather_objects
 from ssm_tread.train.rng import isolated_rng
 
@@ -91,6 +91,7 @@ class Evaluation:
         self.progress = rank == 0 and cfg["log"]["progress"]
         n = ec["num_samples"]
         self.labels = torch.arange(n) * num_classes // n
+        self.grid_classes = grid_classes(self.sample_cfg, num_classes)
         self.seed = self.sample_cfg["seed"] + 1  # other noise than the sample grids'
         if self.latent:
             try:
@@ -169,5 +170,5 @@ class Evaluation:
         if self.latent:
             return result, None
         sc = self.sample_cfg
-        grid = torch.cat([self.images[self.labels == c][:sc["grid_per_class"]] for c in sc["grid_classes"]])
+        grid = torch.cat([self.images[self.labels == c][:sc["grid_per_class"]] for c in self.grid_classes])
         return result, grid

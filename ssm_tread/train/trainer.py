@@ -42,7 +42,7 @@ from ssm_tread.errors import UserError
 from ssm_tread.models import count_macs
 from ssm_tread.ops import set_backend
 from ssm_tread.sampling import generate, grid_labels, load_vae, noise_shape, save_grid
-from ssm_tread.train.config import ConfigError, model_spec, run_dir_of, save_config
+from ssm_tread.train.config import ConfigError, grid_classes, model_spec, run_dir_of, save_config
 from ssm_tread.train.distributed import gather_objects
 from ssm_tread.train.ema import EMA
 from ssm_tread.train.evaluation import Evaluation
@@ -409,7 +409,7 @@ def loop(run: Run) -> bool:
 def write_grid(run: Run, sampler, path: Path) -> None:
     """A grid of ``sample.grid_classes`` x ``sample.grid_per_class`` samples from fixed noise."""
     sc, device = run.cfg["sample"], run.accelerator.device
-    labels = grid_labels(sc["grid_classes"], sc["grid_per_class"], device)
+    labels = grid_labels(grid_classes(sc, run.dataset.num_classes), sc["grid_per_class"], device)
     generator = torch.Generator().manual_seed(sc["seed"])
     noise = torch.randn((len(labels), *noise_shape(run.raw_model)), generator=generator)
     with isolated_rng(device):  # the training's draws stay as they were

@@ -212,13 +212,14 @@ def _check_log_and_sample(cfg: dict, geometry: dict | None, problems: _Problems)
     problems.at_least(cfg, "log.grid_every", 0, 10000)
     for key, low, example in (("batch_size", 1, 32), ("grid_per_class", 1, 8), ("grid_cols", 0, 0), ("seed", 0, 0)):
         problems.at_least(cfg, f"sample.{key}", low, example)
-    if geometry is not None:
-        n = geometry["num_classes"]
-        bad = [c for c in sc["grid_classes"] if not (isinstance(c, int) and 0 <= c < n)]
-        if bad or not sc["grid_classes"]:
-            problems.add("sample.grid_classes", sc["grid_classes"], f"needs classes in 0..{n - 1}",
-                         f"e.g. sample.grid_classes=[0,1,2] (wrong: {bad})")
     latent = cfg["data"]["name"] == "latents"
+    sampled = lc["grid_every"] or cfg["eval"]["num_samples"] or not latent  # digits: samples.png at the end
+    rows = sc["grid_classes"]  # None: 8 classes of the data set (train.config.grid_classes)
+    if sampled and geometry is not None and rows is not None:
+        n = geometry["num_classes"]
+        if not (isinstance(rows, (list, tuple)) and rows and all(isinstance(c, int) and 0 <= c < n for c in rows)):
+            problems.add("sample.grid_classes", rows, f"needs a list of classes in 0..{n - 1}",
+                         "e.g. sample.grid_classes=[0,1,2], or None for 8 of the data set's")
     if latent and (lc["grid_every"] or cfg["eval"]["num_samples"]) and not Path(sc["vae"], "config.json").is_file():
         problems.add("sample.vae", sc["vae"], f"no VAE at {sc['vae']!r} (sample grids and evaluation decode latents "
                      f"with it)", f"download stabilityai/sd-vae-ft-ema there (huggingface-cli download "
