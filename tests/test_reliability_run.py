@@ -3,6 +3,7 @@ line and a finished run on --resume, signals (stop within seconds, exit 128 + th
 second Ctrl-C while exiting), errors printed once under torchrun, and what git ignores. Each case runs
 the real tool (under a tests/faults.py fault where the moment cannot be staged otherwise)."""
 import json
+import signal
 import subprocess
 
 import pytest
@@ -92,3 +93,47 @@ def test_grid_classes_default_to_classes_of_the_data_set():
     assert grid_classes({"grid_classes": None}, 1000) == [207, 360, 387, 974, 88, 979, 417, 279]  # DiT's samples
     assert grid_classes({"grid_classes": (4, 2)}, 10) == [4, 2]
     assert load_config("configs/dit_b2.py")["sample"]["grid_classes"] is None
+
+
+def test_sigterm_during_a_sample_grid_abandons_it_saves_and_exits_143(tmp_path):
+    done = train_tool(tmp_path, "train.steps=5", "train.ckpt_every=0", "log.grid_every=1",
+                      fault="sigterm-while-sampling")
+    assert done.returncode == 128 + 15 and "Traceback" not in done.stderr, (done.returncode, done.stderr[-3000:])
+    assert done.stdout.count("fault: sampling") == 1 and not (tmp_path / "grids" / "step-0000001.png").exists()
+    assert "stopped by SIGTERM at step 1" in done.stdout
+    assert load_checkpoint(latest_checkpoint(tmp_path / "checkpoints"))["step"] == 1
+
+
+def test_sigterm_during_an_evaluation_abandons_it_saves_and_exits_143(tmp_path):
+    done = train_tool(tmp_path, "train.steps=5", "eval.num_samples=40", "eval.every=1", "sample.batch_size=4",
+                      fault="sigterm-while-sampling")  # 10 chunks; the signal comes at the first
+    assert done.returncode == 128 + 15 and "Traceback" not in done.stderr, (done.returncode, done.stderr[-3000:])
+    assert done.stdout.count("fault: sampling") == 1
+    assert "eval/fid" not in (tmp_path / "metrics.jsonl").read_text() and not (tmp_path / "eval.json").exists()
+    assert load_checkpoint(latest_checkpoint(tmp_path / "checkpoints"))["step"] == 1
+
+
+def test_a_second_ctrl_c_while_exiting_is_quiet(tmp_path):
+    done = train_tool(tmp_path, fault="ctrl-c-twice")
+    assert_fails_in_one_line(done, 130, "error: interrupted (Ctrl-C)")
+
+
+def test_an_expected_error_is_printed_by_rank_0_only(tmp_path):
+    for rank, lines in (("0", 1), ("1", 0)):
+        done = train_tool(tmp_path, "train.steps=0", env={"RANK": rank, "WORLD_SIZE": "2"})
+        assert done.returncode == 2 and "Traceback" not in done.stderr, done.stderr[-3000:]
+        assert done.stderr.count("error: train.steps=0: must be >= 1") == lines, (rank, done.stderr)
+
+
+def test_a_missing_path_is_named_with_what_is_wrong(tmp_path, capsys, monkeypatch):
+    from tools.cli import run_tool as run_main
+
+    monkeypatch.setattr(signal, "signal", lambda *args: None)  # run_tool's exit handler stays out of pytest
+
+    missing = tmp_path / "samples.npz"
+    for error, what in ((FileNotFoundError, "does not exist"), (IsADirectoryError, "is a folder, not a file")):
+        with pytest.raises(SystemExit) as exit_:
+            run_main(lambda: open(missing if error is FileNotFoundError else tmp_path), expected=(OSError,))
+        assert exit_.value.code == 1
+        assert capsys.readouterr().err.splitlines() == [
+            f"error: {missing if error is FileNotFoundError else tmp_path}: {what}; check the path"]

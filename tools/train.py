@@ -8,7 +8,9 @@
 (its config.json) plus the overrides given now; the learning-rate schedule follows from that config
 and the step. Without --resume, a run dir that holds checkpoints is refused unless --overwrite is given
 (which deletes them); no config key can do that. A bad config fails before anything is written: one
-line per problem, exit code 2.
+line per problem, exit code 2. SIGTERM or Ctrl-C stops a run within seconds (a sample grid or an
+evaluation in progress is abandoned): it saves a checkpoint and exits with 128 + the signal's number
+(143, 130), as a shell reports a process that a signal ended.
 """
 import argparse
 import os
@@ -40,7 +42,9 @@ def main():
     if "_study" in cfg and main_rank:
         print(f"{args.config} is a study: this trains its own config, one run of its grid; the whole grid: "
               f"python tools/benchmark.py study {args.config}")
-    train(cfg, overwrite=args.overwrite)
+    summary = train(cfg, overwrite=args.overwrite)
+    if summary["stopped"]:  # exit as a shell reports a process a signal ended, so `train && sample` stops here
+        sys.exit(128 + summary["signal"])
 
 
 if __name__ == "__main__":

@@ -125,17 +125,41 @@ def _ignore_sigint(worker_id: int) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
+class Abandon(Exception):
+    """A stop signal arrived during work that :meth:`StopSignal.interruptible` runs."""
+
+
 class StopSignal:
-    """Turns SIGTERM/SIGINT into a flag checked between steps; a second signal acts as usual."""
+    """Turns SIGTERM/SIGINT into a flag checked between steps, and ends at once the work run through
+    :meth:`interruptible` (sample grids, evaluations); a second signal acts as usual."""
 
     def __init__(self):
-        self.received = None
+        self.received = None  # the signal's number
+        self._interruptible = False
         self.previous = {s: signal.signal(s, self._handle) for s in (signal.SIGTERM, signal.SIGINT)}
 
     def _handle(self, signum, frame):
-        self.received = signal.Signals(signum).name
+        self.received = signum
         for s, handler in self.previous.items():
             signal.signal(s, handler)
+        if self._interruptible:
+            raise Abandon
+
+    def interruptible(self, work, *args):
+        """``work(*args)``, or None when a stop signal came before it or ends it (between two Python lines)."""
+        if self.received is not None:
+            return None
+        self._interruptible = True
+        try:
+            return work(*args)
+        except Abandon:
+            return None
+        finally:
+            self._interruptible = False
+
+    def agreed(self, world: int) -> bool:
+        """Whether any rank received a stop signal (a collective every rank joins)."""
+        return any(gather_objects(self.received is not None, world))
 
     def restore(self):
         for s, handler in self.previous.items():
@@ -211,7 +235,8 @@ def train(cfg: dict, overwrite: bool = False) -> dict:
         run = setup(cfg, overwrite)
         stopped = loop(run)
         if stopped:
-            return {"run_dir": run.run_dir, "step": run.step, "checkpoint": run.last_ckpt, "stopped": True}
+            return {"run_dir": run.run_dir, "step": run.step, "checkpoint": run.last_ckpt, "stopped": True,
+                    "signal": stopped}
         return finish(run)
 
 
@@ -349,8 +374,9 @@ def open_outputs(run: Run, fresh: bool) -> None:
                   f"only its final outputs are made again; to train longer, resume with a larger train.steps")
 
 
-def loop(run: Run) -> bool:
-    """Train from ``run.step`` to ``train.steps``; returns True when a signal stopped the run (after a checkpoint)."""
+def loop(run: Run) -> int:
+    """Train from ``run.step`` to ``train.steps``; returns the number of the signal that stopped the run (after a
+    checkpoint; a grid or an evaluation in progress is abandoned), else 0."""
     cfg, accelerator = run.cfg, run.accelerator
     tc, lc, ec = cfg["train"], cfg["log"], cfg["eval"]
     device, world, rank = accelerator.device, accelerator.num_processes, accelerator.process_index
@@ -385,25 +411,29 @@ def loop(run: Run) -> bool:
                 values = window.flush(tc["batch_size"], run.macs, world, run.scheduler.get_last_lr()[0], grad_norm)
                 run.metrics.log(run.step, values)
                 bar.set_postfix(loss=f"{values['loss']:.4f}", img_s=f"{values['images_per_s']:.0f}")
-            if lc["grid_every"] and run.step % lc["grid_every"] == 0:
+            if lc["grid_every"] and run.step % lc["grid_every"] == 0 and not stopping:
                 sampler = run.ema.sampling_model()  # under FSDP a gather every rank joins
                 if run.main:
-                    write_grid(run, sampler, run.run_dir / "grids" / f"step-{run.step:07d}.png")
-                accelerator.wait_for_everyone()
+                    stop.interruptible(write_grid, run, sampler, run.run_dir / "grids" / f"step-{run.step:07d}.png")
+                stopping = stop.agreed(world)
             if tc["ckpt_every"] and run.step % tc["ckpt_every"] == 0 or stopping:
                 run.last_ckpt = save(run)
             if ec["every"] and run.step % ec["every"] == 0 and not stopping:
-                run.evaluation(run.ema.sampling_model(), run.step)
+                run.evaluation(run.ema.sampling_model(), run.step, stop.interruptible)
+                stopping = stop.agreed(world)
+                if stopping and run.last_ckpt != checkpoint_path(run.ckpt_dir, run.step):
+                    run.last_ckpt = save(run)
             if stopping:
+                signum = stop.received or signal.SIGTERM  # another rank's signal stopped this one
                 if run.main:
-                    bar.write(f"stopped by a signal at step {run.step}; checkpoint {run.last_ckpt}; "
-                              f"continue with --resume")
+                    bar.write(f"stopped by {signal.Signals(signum).name} at step {run.step}; checkpoint "
+                              f"{run.last_ckpt}; continue with --resume")
                     run.metrics.close()
-                return True
+                return signum
     finally:
         stop.restore()
         bar.close()
-    return False
+    return 0
 
 
 def write_grid(run: Run, sampler, path: Path) -> None:
