@@ -82,6 +82,12 @@ from ssm_tread.routing import RouteSpec, ScanIndex, TokenRouter
 from ssm_tread.scans import dim_schedule, scan_order
 
 DIM_CONFIGS: dict[str, dict] = {
+    # ours, not official (the official DiM has L and H only): DiT-S's and DiT-B's widths and 25 blocks (ZigMa-S's
+    # and ZigMa-B's 24, plus one: the long skips need an odd depth); 29.5M and 114.0M parameters with 1000
+    # classes, the second about the 111M of the Mamba model in the TREAD paper's study
+    "DiM-S/2": dict(hidden_size=384, depth=25, patch_size=2),
+    "DiM-B/2": dict(hidden_size=768, depth=25, patch_size=2),
+    # the official ImageNet-256 configs
     "DiM-L/2": dict(hidden_size=1024, depth=49, patch_size=2),
     "DiM-H/2": dict(hidden_size=1536, depth=49, patch_size=2),
 }
