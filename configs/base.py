@@ -28,7 +28,8 @@ data = dict(
     name="latents",           # "latents" (pre-extracted VAE latents, 4x32x32) or "digits" (1x16x16)
     root="data/imagenet256_latents",  # the latent shards (latents only)
     kwargs={},                # more build_dataset keywords
-    num_workers=4,            # data-loader worker processes per rank
+    num_workers=None,         # data-loader worker processes per rank; None: the CPUs a rank has besides its own, at
+                              # most 4 (ssm_tread.machine.loader_workers)
     verify="sample",          # latent shards, checked when a run opens them: "sample" (sizes + checksum of each
                               # file's header and sampled blocks), "full" (sha256 of every byte) or "none" (sizes)
 )

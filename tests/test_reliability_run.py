@@ -3,8 +3,10 @@ line and a finished run on --resume, signals (stop within seconds, exit 128 + th
 second Ctrl-C while exiting), errors printed once under torchrun, and what git ignores. Each case runs
 the real tool (under a tests/faults.py fault where the moment cannot be staged otherwise)."""
 import json
+import os
 import signal
 import subprocess
+import sys
 
 import pytest
 from helpers import ROOT, assert_fails_in_one_line, run_tool
@@ -137,3 +139,23 @@ def test_a_missing_path_is_named_with_what_is_wrong(tmp_path, capsys, monkeypatc
         assert exit_.value.code == 1
         assert capsys.readouterr().err.splitlines() == [
             f"error: {missing if error is FileNotFoundError else tmp_path}: {what}; check the path"]
+
+
+def test_loader_workers_and_shares_fit_the_machine(monkeypatch):
+    from ssm_tread.machine import loader_workers, share
+
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1}, raising=False)
+    assert (loader_workers(1), loader_workers(2)) == (1, 0)  # 2 cores: one worker beside one rank, none for two
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(64)), raising=False)
+    assert (loader_workers(8), loader_workers(32)) == (4, 1)
+    assert (share(10_000, 300, 2), share(32, 1000, 8), share(32, 5, 8)) == (150, 32, 1)
+
+
+@pytest.mark.skipif(not hasattr(os, "sched_setaffinity"), reason="no CPU affinity on this system")
+def test_a_run_sizes_its_loader_workers_to_its_cpus(tmp_path):
+    (tmp_path / "mine.py").write_text("from quickstart import *\ndata['num_workers'] = None\n")
+    done = subprocess.run([sys.executable, "tools/train.py", tmp_path / "mine.py", *TINY, "train.steps=1",
+                           f"train.run_dir={tmp_path / 'run'}"], capture_output=True, text=True, cwd=ROOT,
+                          check=False, preexec_fn=lambda: os.sched_setaffinity(0, {0}))
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "0 loader worker(s)" in done.stdout  # one CPU: the rank loads its own batches

@@ -39,6 +39,7 @@ from ssm_tread.checkpoint import (
     save_checkpoint,
 )
 from ssm_tread.errors import UserError
+from ssm_tread.machine import loader_workers
 from ssm_tread.models import count_macs
 from ssm_tread.ops import set_backend
 from ssm_tread.sampling import generate, grid_labels, load_vae, noise_shape, save_grid
@@ -209,6 +210,7 @@ class Run:
     batches: object = None
     train_step: TrainStep = None
     micro: int = 0
+    workers: int = 0  # data-loader worker processes of this rank
     decode: object = None
     metrics: Metrics | None = None
     evaluation: Evaluation | None = None
@@ -272,12 +274,14 @@ def setup(cfg: dict, overwrite: bool = False) -> Run:
     run.train_step = TrainStep(run.model, run.diffusion, run.optimizer, run.scheduler, run.ema,
                                loss_type=cfg["routing"]["loss"], grad_clip=cfg["optim"]["grad_clip"],
                                no_sync=no_gradient_sync if is_sharded(run.raw_model) else accelerator.no_sync)
-    loader = DataLoader(dataset, num_workers=cfg["data"]["num_workers"], pin_memory=device.type == "cuda",
+    workers = loader_workers(world) if cfg["data"]["num_workers"] is None else cfg["data"]["num_workers"]
+    loader = DataLoader(dataset, num_workers=workers, pin_memory=device.type == "cuda",
                         batch_sampler=GlobalBatches(len(dataset), tc["batch_size"], micro, rank, world, tc["seed"],
                                                     run.step),
                         generator=torch.Generator().manual_seed(tc["seed"] + rank), worker_init_fn=_ignore_sigint,
-                        persistent_workers=cfg["data"]["num_workers"] > 0)
+                        persistent_workers=workers > 0)
     run.batches = iter(loader)
+    run.workers = workers
     open_outputs(run, fresh=state is None)
     return run
 
@@ -365,7 +369,7 @@ def open_outputs(run: Run, fresh: bool) -> None:
         world, fsdp = run.accelerator.num_processes, is_sharded(run.raw_model)
         print(f"{run.model_name}: {params / 1e6:.2f}M parameters, {run.macs / 1e9:.3f} GMACs/image routed; {world} "
               f"rank(s) on {device.type}{' (FSDP)' if fsdp else ''}, micro-batch {run.micro} x "
-              f"{cfg['train']['grad_accum']} accumulation; run dir {run.run_dir}"
+              f"{cfg['train']['grad_accum']} accumulation, {run.workers} loader worker(s); run dir {run.run_dir}"
               + (f"; resuming from step {run.step}" if run.step else ""))
         if cfg["train"]["fsdp"] and not fsdp:
             print("train.fsdp: a single process has nothing to shard; it trains unsharded")

@@ -153,7 +153,10 @@ def _check_data(cfg: dict, problems: _Problems) -> None:
     data = cfg["data"]
     if not problems.choice("data.name", data["name"], DATASETS):
         return
-    problems.at_least(cfg, "data.num_workers", 0, 4)
+    if data["num_workers"] is not None and not isinstance(data["num_workers"], int):
+        problems.add("data.num_workers", data["num_workers"], "must be an integer or None",
+                     "e.g. data.num_workers=2, or None to size it to the machine")
+    problems.at_least(cfg, "data.num_workers", 0, 2)
     problems.choice("data.verify", data["verify"], LATENT_VERIFY)
     if data["name"] != "latents":
         return
