@@ -1,7 +1,9 @@
 """A run's life through tools/train.py: overwriting is asked for on the command line only, a torn metrics
 line and a finished run on --resume, signals (stop within seconds, exit 128 + the signal's number, a
-second Ctrl-C while exiting), errors printed once under torchrun, and what git ignores. Each case runs
-the real tool (under a tests/faults.py fault where the moment cannot be staged otherwise)."""
+second Ctrl-C while exiting), errors printed once under torchrun and naming a missing path, route and
+model errors blamed on their own keys, grid classes checked where grids are drawn, loader workers sized
+to the machine, and what git ignores. Each case runs the real tool where it can (under a
+tests/faults.py fault where the moment cannot be staged otherwise)."""
 import json
 import os
 import signal
