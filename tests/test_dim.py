@@ -57,8 +57,8 @@ OFFICIAL_COUNTS = {
 
 def closed_form_count(width: int, depth: int, patch: int = 2, channels: int = 4, classes: int = 1000,
                       grid: int = 16, d_state: int = 16, d_conv: int = 3, expand: int = 2) -> int:
-    """DiM's parameters counted by hand from the official layout (OFFICIAL_MODELS.md section 3), with the
-    null class row in both label tables and learn_sigma=False."""
+    """DiM's parameters counted by hand from the official layout (tyshiwo1/DiM-DiffusionMamba, Mamba2DModel),
+    with the null class row in both label tables and learn_sigma=False."""
     D, E, N, R = width, expand * width, d_state, math.ceil(width / 16)
     mixer = D * 2 * E + E * d_conv + E + E * (R + 2 * N) + R * E + E + E * N + E + E * D
     skip = 2 * (D * D + D) if D > 512 else 2 * D * D + D
