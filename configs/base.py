@@ -28,7 +28,8 @@ data = dict(
     name="latents",           # "latents" (pre-extracted VAE latents, 4x32x32) or "digits" (1x16x16)
     root="data/imagenet256_latents",  # the latent shards (latents only)
     kwargs={},                # more build_dataset keywords
-    num_workers=4,            # data-loader worker processes per rank
+    num_workers=None,         # data-loader worker processes per rank; None: the CPUs a rank has besides its own, at
+                              # most 4 (ssm_tread.machine.loader_workers)
     verify="sample",          # latent shards, checked when a run opens them: "sample" (sizes + checksum of each
                               # file's header and sampled blocks), "full" (sha256 of every byte) or "none" (sizes)
 )
@@ -59,7 +60,6 @@ train = dict(
     resume="none",            # "none", "auto" (newest checkpoint of run_dir, if any) or a checkpoint path
     init_from="",             # a fresh run starts from this checkpoint's EMA weights (fine-tuning, e.g. a
                               # converted official one: tools/convert_checkpoint.py); empty: random init
-    overwrite=False,          # a fresh run may replace the checkpoints of an earlier run in run_dir
     ckpt_every=10_000,
     keep_last=2,              # newest checkpoints kept besides milestones; >= 1 (the newest is never pruned)
     keep_every=50_000,        # milestone checkpoints kept for good; 0: none
@@ -83,7 +83,8 @@ sample = dict(
     use_ema=True,             # sample with the EMA weights
     batch_size=32,            # per rank
     vae="checkpoints/sd-vae-ft-ema",  # local copy of stabilityai/sd-vae-ft-ema (latent models)
-    grid_classes=[207, 360, 387, 974, 88, 979, 417, 279],  # rows of the sample grids
+    grid_classes=None,        # rows of the sample grids; None: 8 classes of the data set (on ImageNet's 1000
+                              # the DiT README's 207, 360, 387, 974, 88, 979, 417, 279; else spread evenly)
     grid_per_class=8,         # samples of each class in the sample grids
     grid_cols=0,              # grid columns; 0: grid_per_class (one row per class)
     seed=0,

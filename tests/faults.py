@@ -96,8 +96,35 @@ def ema_diverges_at_step_3():
     EMA.update = diverging
 
 
+def sigterm_while_sampling():
+    """SIGTERM arrives as the first sampling (a grid or an evaluation's first chunk) starts; every sampling
+    call prints a line "fault: sampling"."""
+    from ssm_tread import sampling
+
+    generate, calls = sampling.generate, []
+
+    def signalled(*args, **kwargs):
+        print("fault: sampling", flush=True)
+        calls.append(1)
+        if len(calls) == 1:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return generate(*args, **kwargs)
+
+    sampling.generate = signalled  # before the trainer imports it
+
+
+def ctrl_c_twice():
+    """Ctrl-C during start-up, and again while the interpreter runs its exit handlers (atexit)."""
+    import atexit
+    import time
+
+    atexit.register(lambda: (os.kill(os.getpid(), signal.SIGINT), time.sleep(1)))  # runs last: registered first
+    ctrl_c_during_start_up()
+
+
 FAULTS = {f.__name__.replace("_", "-"): f for f in
-          (disk_full_on_second_checkpoint, read_only_run_dir, ctrl_c_during_start_up, ema_diverges_at_step_3)}
+          (disk_full_on_second_checkpoint, read_only_run_dir, ctrl_c_during_start_up, ema_diverges_at_step_3,
+           sigterm_while_sampling, ctrl_c_twice)}
 
 if __name__ == "__main__":
     fault, tool, *args = sys.argv[1:]

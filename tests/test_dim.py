@@ -38,12 +38,50 @@ def test_forward_backward(routes):
     assert all(p.grad.abs().sum() > 0 for p in model.blocks[2].mixer.parameters())
 
 
+def test_every_gradient_has_its_parameters_layout():
+    """DDP copies gradients into buckets laid out like the parameters and warns ("Grad strides do not
+    match bucket view strides") for any other layout; the depthwise convs once got channels-last ones."""
+    model = tiny(routes=[(1, 3, 0.5)])
+    model(*model_inputs()).square().mean().backward()
+    for name, p in model.named_parameters():
+        assert p.grad.stride() == p.stride(), (name, p.grad.stride(), p.stride())
+
+
 # OFFICIAL_MODELS.md section 3.11: total, mixers, skip Linears, adaLN-single (timestep MLP and class
 # table included), label_emb (our class_tokens), proj_out_1 (our final adaLN), additional_embed (our pos_embed)
 OFFICIAL_COUNTS = {
     "DiM-H/2": (862_407_184, 730_662_912, 113_319_936, 11_375_616, 1_537_536, 4_721_664, 396_288),
     "DiM-L/2": (386_063_376, 326_545_408, 50_380_800, 5_486_592, 1_025_024, 2_099_200, 264_192),
 }
+
+
+def closed_form_count(width: int, depth: int, patch: int = 2, channels: int = 4, classes: int = 1000,
+                      grid: int = 16, d_state: int = 16, d_conv: int = 3, expand: int = 2) -> int:
+    """DiM's parameters counted by hand from the official layout (tyshiwo1/DiM-DiffusionMamba, Mamba2DModel),
+    with the null class row in both label tables and learn_sigma=False."""
+    D, E, N, R = width, expand * width, d_state, math.ceil(width / 16)
+    mixer = D * 2 * E + E * d_conv + E + E * (R + 2 * N) + R * E + E + E * N + E + E * D
+    skip = 2 * (D * D + D) if D > 512 else 2 * D * D + D
+    blocks = depth * (mixer + D + 3 * D) + (depth - 1) // 2 * skip  # + RMSNorm, the [3, D] table
+    embeddings = (channels * patch * patch * D + D  # patch conv
+                  + (2 + grid * grid) * D  # position embedding of [tau, kappa, patches]
+                  + 2 * (9 * D + D)  # in_conv, out_conv (depthwise 3x3)
+                  + 256 * D + D + D * D + D  # timestep MLP
+                  + 2 * (classes + 1) * D  # adaLN label table and class-token table
+                  + 2 * 3 * D  # learned and padding tokens
+                  + D * 3 * D + 3 * D)  # adaLN-single
+    final = D + D * 2 * D + 2 * D + D * patch * patch * channels + patch * patch * channels
+    return blocks + embeddings + final
+
+
+@pytest.mark.parametrize("name, count", [("DiM-L/2", 386_063_376), ("DiM-H/2", 862_407_184),  # official
+                                         ("DiM-S/2", 29_535_376), ("DiM-B/2", 114_007_312)])  # ours
+def test_parameter_counts_match_a_closed_form(name, count):
+    width, depth = DIM_CONFIGS[name]["hidden_size"], DIM_CONFIGS[name]["depth"]
+    assert closed_form_count(width, depth) == count  # the hand count holds the official totals
+    with torch.device("meta"):
+        model = DiM(**DIM_CONFIGS[name])
+    assert sum(p.numel() for p in model.parameters()) == count
 
 
 @pytest.mark.parametrize("name", ["DiM-H/2", "DiM-L/2"])

@@ -17,7 +17,7 @@ DIT_SIZES = {"S": (12, 384, 6), "B": (12, 768, 12), "L": (24, 1024, 16), "XL": (
 def test_model_names():
     expected = (
         [f"DiT-{s}/{p}" for s in ("S", "B", "L", "XL") for p in (2, 4, 8)]
-        + ["DiM-L/2", "DiM-H/2"]
+        + ["DiM-S/2", "DiM-B/2", "DiM-L/2", "DiM-H/2"]
         + [f"ZigMa-{s}/{p}" for s in ("S", "B", "M", "L", "H") for p in (1, 2, 4)]
     )
     assert sorted(MODEL_NAMES) == sorted(expected)

@@ -27,7 +27,7 @@ CASES = [
     ("data.name=latents", "data.root='data/imagenet256_latents': does not exist"),
     ("optim.betas=(0.9, 1.5)", "optim.betas=(0.9, 1.5): must be two numbers in [0, 1)"),
     ("model.class_dropout_prob=1.0", "model.class_dropout_prob=1.0: must be in [0, 1)"),
-    ("sample.grid_classes=[3, 12]", "sample.grid_classes=[3, 12]: needs classes in 0..9"),
+    ("sample.grid_classes=[3, 12]", "sample.grid_classes=[3, 12]: needs a list of classes in 0..9"),
     ("eval.every=5", "eval.every=5: needs the number of samples per evaluation"),
     ("train.resume=/no/such.pt", "train.resume='/no/such.pt': is not a file"),
 ]

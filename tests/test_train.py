@@ -22,7 +22,7 @@ from ssm_tread.train.trainer import GlobalBatches, TrainingError, train
 TINY = ["model.name=DiT", "model.kwargs={'hidden_size': 32, 'depth': 3, 'num_heads': 2, 'patch_size': 4}",
         "routing.routes=[(1, 1, 0.5)]", "train.batch_size=8", "train.steps=4", "train.ckpt_every=2",
         "train.keep_last=5", "optim.lr=1e-3", "optim.warmup_steps=0", "optim.schedule=constant",
-        "train.overwrite=false", "log.every=1", "log.tensorboard=false", "log.progress=false", "eval.num_samples=0",
+        "log.every=1", "log.tensorboard=false", "log.progress=false", "eval.num_samples=0",
         "sample.steps=2", "sample.grid_classes=[0, 1]", "sample.grid_per_class=2"]
 
 
@@ -80,7 +80,7 @@ def test_a_fresh_run_does_not_clobber_checkpoints(tmp_path):
     train(tiny(tmp_path, "train.steps=2"))
     with pytest.raises(TrainingError, match="--resume"):
         train(tiny(tmp_path, "train.steps=2"))
-    train(tiny(tmp_path, "train.steps=2", "train.overwrite=true"))
+    train(tiny(tmp_path, "train.steps=2"), overwrite=True)
 
 
 def test_crash_while_writing_leaves_the_previous_checkpoint(tmp_path, monkeypatch):

@@ -8,8 +8,8 @@ from ssm_tread.train import trainer
 from ssm_tread.train.config import load_config
 
 CONFIGS = ["configs/base.py", *(f"configs/dit_{s}2{t}.py" for s in ("s", "b", "l", "xl") for t in ("", "_tread")),
-           *(f"configs/dim_{s}{t}.py" for s in ("l", "h") for t in ("", "_tread")),
-           "configs/zigma_b2.py", "configs/zigma_b2_tread.py"]
+           *(f"configs/dim_{s}{t}.py" for s in ("s2", "b2", "l", "h") for t in ("", "_tread")),
+           *(f"configs/zigma_{s}2{t}.py" for s in ("s", "b") for t in ("", "_tread"))]
 
 
 class FakeLatents(torch.utils.data.Dataset):

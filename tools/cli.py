@@ -1,11 +1,17 @@
 """What every command-line tool does with errors: the expected ones (bad input, corrupt files, a full or
 read-only disk, Ctrl-C) become one ``error:`` line per problem and an exit code; everything else keeps its
-traceback. ``--debug`` or the environment variable SSM_TREAD_DEBUG=1 shows the traceback of every error."""
+traceback. ``--debug`` or the environment variable SSM_TREAD_DEBUG=1 shows the traceback of every error.
+
+Under torchrun every rank reads the same input and meets the same expected error, so only rank 0 prints
+it (every rank exits with its code); a full or read-only disk is printed by every rank it hits. Once a
+tool is exiting, a further Ctrl-C ends the process at once and quietly (exit code 130) instead of
+interrupting the interpreter's clean-up with a traceback."""
 from __future__ import annotations
 
 import argparse
 import errno
 import os
+import signal
 import sys
 
 from ssm_tread.errors import UserError
@@ -21,10 +27,34 @@ def debugging() -> bool:
     return "--debug" in sys.argv or os.environ.get(DEBUG_ENV, "") not in ("", "0")
 
 
-def fail(message: str, code: int = EXIT_ERROR):
-    for line in message.splitlines() or [""]:
-        print(f"error: {line}" if line and not line.startswith(" ") else line, file=sys.stderr)
+PATH_ERRORS = {errno.ENOENT: "does not exist", errno.ENOTDIR: "is not a path: a part of it is a file",
+               errno.EISDIR: "is a folder, not a file"}
+
+
+def rank() -> int:
+    """This process's rank under torchrun (0 on its own)."""
+    return int(os.environ.get("RANK", 0))
+
+
+def fail(message: str, code: int = EXIT_ERROR, every_rank: bool = False):
+    """Print ``message`` as ``error:`` lines (on rank 0 only, unless ``every_rank``) and exit with ``code``."""
+    if every_rank or rank() == 0:
+        prefix = f"rank {rank()}: " if rank() else ""
+        for line in message.splitlines() or [""]:
+            print(f"error: {prefix}{line}" if line and not line.startswith(" ") else line, file=sys.stderr)
     sys.exit(code)
+
+
+def describe(error: Exception) -> str:
+    """The message of an expected error: its own, or for an OS error about a path, the path and what is wrong."""
+    if isinstance(error, OSError) and error.errno is not None:
+        what = PATH_ERRORS.get(error.errno, error.strerror)
+        return f"{error.filename}: {what}; check the path" if error.filename else what
+    return str(error.args[0]) if error.args else str(error)
+
+
+def _exit_quietly(signum, frame):
+    os._exit(EXIT_INTERRUPTED)
 
 
 class ArgumentParser(argparse.ArgumentParser):
@@ -52,7 +82,15 @@ def positive_int(text: str) -> int:
 def run_tool(main, interrupted: str = "nothing was lost", expected: tuple = ()) -> None:
     """Run ``main()``, turning expected errors into one line each and an exit code (2: a bad config or
     arguments; 1: other expected errors, see UserError.exit_code; 130: Ctrl-C). ``expected``: more
-    exception types that mean bad input for this tool (their first argument is the message)."""
+    exception types that mean bad input for this tool (their message, or for an OS error, its path and
+    what is wrong)."""
+    try:
+        _run(main, interrupted, expected)
+    finally:  # exiting now: a Ctrl-C during the interpreter's clean-up (atexit) ends it without a traceback
+        signal.signal(signal.SIGINT, _exit_quietly)
+
+
+def _run(main, interrupted: str, expected: tuple) -> None:
     try:
         main()
     except KeyboardInterrupt:
@@ -66,11 +104,11 @@ def run_tool(main, interrupted: str = "nothing was lost", expected: tuple = ()) 
     except expected as e:
         if debugging():
             raise
-        fail(str(e.args[0]) if e.args else str(e))
+        fail(describe(e))
     except OSError as e:
         if debugging() or e.errno not in DISK_ERRORS:
             raise
         if e.strerror != os.strerror(e.errno):  # the library's own message, with its fix
-            fail(e.strerror)
+            fail(e.strerror, every_rank=True)
         where = f" writing {e.filename}" if e.filename else ""
-        fail(f"{DISK_ERRORS[e.errno]}{where}: free some space or choose a writable location")
+        fail(f"{DISK_ERRORS[e.errno]}{where}: free some space or choose a writable location", every_rank=True)

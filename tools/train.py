@@ -6,7 +6,11 @@
 
 --resume continues the run in the run dir from its newest good checkpoint, with the run's config
 (its config.json) plus the overrides given now; the learning-rate schedule follows from that config
-and the step. A bad config fails before anything is written: one line per problem, exit code 2.
+and the step. Without --resume, a run dir that holds checkpoints is refused unless --overwrite is given
+(which deletes them); no config key can do that. A bad config fails before anything is written: one
+line per problem, exit code 2. SIGTERM or Ctrl-C stops a run within seconds (a sample grid or an
+evaluation in progress is abandoned): it saves a checkpoint and exits with 128 + the signal's number
+(143, 130), as a shell reports a process that a signal ended.
 """
 import argparse
 import os
@@ -26,8 +30,11 @@ def main():
     parser = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("config", help="a config file, e.g. configs/quickstart.py")
     parser.add_argument("overrides", nargs="*", help="group.key=value overrides, e.g. train.steps=100")
-    parser.add_argument("--resume", action="store_true",
-                        help="continue the run dir's run from its newest good checkpoint (its config + these overrides)")
+    start = parser.add_mutually_exclusive_group()
+    start.add_argument("--resume", action="store_true",
+                       help="continue the run dir's run from its newest good checkpoint (its config + these overrides)")
+    start.add_argument("--overwrite", action="store_true",
+                       help="start over in a run dir that holds an earlier run's checkpoints: deletes them")
     args = parser.parse_intermixed_args()  # --resume may come anywhere among the overrides
     main_rank = int(os.environ.get("RANK", 0)) == 0
     cfg = (resume_config(args.config, args.overrides, print if main_rank else lambda line: None) if args.resume
@@ -35,7 +42,9 @@ def main():
     if "_study" in cfg and main_rank:
         print(f"{args.config} is a study: this trains its own config, one run of its grid; the whole grid: "
               f"python tools/benchmark.py study {args.config}")
-    train(cfg)
+    summary = train(cfg, overwrite=args.overwrite)
+    if summary["stopped"]:  # exit as a shell reports a process a signal ended, so `train && sample` stops here
+        sys.exit(128 + summary["signal"])
 
 
 if __name__ == "__main__":

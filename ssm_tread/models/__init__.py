@@ -1,7 +1,10 @@
 """The model registry: ``create_model(name, **overrides)`` builds every backbone by name.
 
-Names: ``DiT-{S,B,L,XL}/{2,4,8}``, ``DiM-{L,H}/2``, ``ZigMa-{S,B,M,L,H}/{1,2,4}`` (size presets), and the
-bare family names ``DiT``, ``DiM``, ``ZigMa`` (built from keyword arguments alone). Overrides are any
+Names: ``DiT-{S,B,L,XL}/{2,4,8}``, ``DiM-{S,B,L,H}/2``, ``ZigMa-{S,B,M,L,H}/{1,2,4}`` (size presets), and the
+bare family names ``DiT``, ``DiM``, ``ZigMa`` (built from keyword arguments alone). The presets are the
+official ones except DiM-S/2 and DiM-B/2, which are ours (see DIM_CONFIGS): Mamba models for ablations
+at DiT-S/2's and DiT-B/2's sizes (33.0M and 130.5M parameters), beside the official ZigMa-S/2 (31.8M) and
+ZigMa-B/2 (134.8M). Overrides are any
 constructor arguments of the family, e.g. ``input_size``, ``in_channels``, ``num_classes``,
 ``class_dropout_prob``, ``learn_sigma``, ``routes``, ``scan_consistent`` and the size keys.
 
@@ -29,7 +32,7 @@ FAMILIES: dict[str, tuple[str, str, str]] = {
 
 MODEL_NAMES: tuple[str, ...] = (
     *DIT_CONFIGS,
-    *(f"DiM-{size}/2" for size in ("L", "H")),
+    *(f"DiM-{size}/2" for size in ("S", "B", "L", "H")),
     *(f"ZigMa-{size}/{patch}" for size in ("S", "B", "M", "L", "H") for patch in (1, 2, 4)),
 )
 

@@ -82,6 +82,12 @@ from ssm_tread.routing import RouteSpec, ScanIndex, TokenRouter
 from ssm_tread.scans import dim_schedule, scan_order
 
 DIM_CONFIGS: dict[str, dict] = {
+    # ours, not official (the official DiM has L and H only): DiT-S's and DiT-B's widths and 25 blocks (ZigMa-S's
+    # and ZigMa-B's 24, plus one: the long skips need an odd depth); 29.5M and 114.0M parameters with 1000
+    # classes, the second about the 111M of the Mamba model in the TREAD paper's study
+    "DiM-S/2": dict(hidden_size=384, depth=25, patch_size=2),
+    "DiM-B/2": dict(hidden_size=768, depth=25, patch_size=2),
+    # the official ImageNet-256 configs
     "DiM-L/2": dict(hidden_size=1024, depth=49, patch_size=2),
     "DiM-H/2": dict(hidden_size=1536, depth=49, patch_size=2),
 }
@@ -229,7 +235,9 @@ class DiM(nn.Module):
         c = self.t_embedder(t) + self.y_embedder(y, train=False)  # [B, D]
 
         tokens = torch.cat([tau.unsqueeze(1), kappa.unsqueeze(1), self.x_embedder(x)], dim=1) + self.pos_embed
-        patches = rearrange(tokens[:, 2:], "b (h w) d -> b d h w", h=h)  # [B, D, h, w]
+        # the convs read contiguous [B, D, h, w]: on the channels-last view that rearrange gives, their
+        # weights' gradients would come out channels-last, against DDP's layout contract for gradients
+        patches = rearrange(tokens[:, 2:], "b (h w) d -> b d h w", h=h).contiguous()  # [B, D, h, w]
         patches = rearrange(self.in_conv(patches), "b d h w -> b (h w) d")  # [B, h*w, D]
         prefix = torch.cat([tokens[:, :2], self.learned_tokens.expand(batch, -1, -1)], dim=1)  # [B, 5, D]
         padded = self.pad_tokens[self.pad_index].expand(batch, -1, -1)  # [B, (h+3)*(w+3), D]
@@ -247,7 +255,7 @@ class DiM(nn.Module):
             if self.stores_skip[i]:
                 skips.append((x, routing.tag()))
 
-        x = rearrange(x[:, self.grid_positions], "b (h w) d -> b d h w", h=h)  # drop prefix, unpad: [B, D, h, w]
+        x = rearrange(x[:, self.grid_positions], "b (h w) d -> b d h w", h=h).contiguous()  # drop prefix, unpad
         x = rearrange(self.out_conv(x), "b d h w -> b (h w) d")  # [B, h*w, D]
         x = self.final_layer(x, tau + kappa)  # [B, h*w, p*p*out_channels]
         x = unpatchify(x, self.grid_size, self.patch_size, self.out_channels)  # [B, out_channels, H, W]

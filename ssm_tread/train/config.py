@@ -33,6 +33,8 @@ GROUPS = ("model", "routing", "diffusion", "data", "optim", "train", "log", "sam
 STUDY = "study"  # the optional grid of a study file
 DEFAULT_BASE = Path(__file__).resolve().parents[2] / "configs" / "base.py"
 _IMPORTING = threading.Lock()  # held while a config file runs (see _exec_config)
+# keys that are gone, with what replaces them; a run's own config.json may still hold them
+RETIRED = {"train.overwrite": "overwriting a run is asked for on the command line only: tools/train.py --overwrite"}
 
 
 class ConfigError(UserError, ValueError):
@@ -89,6 +91,8 @@ def dotted_keys(cfg: dict) -> list[str]:
 
 
 def _unknown_key(key: str, schema: dict) -> ConfigError:
+    if key in RETIRED:
+        return ConfigError(f"{key} is no longer a config key: {RETIRED[key]}")
     hint = difflib.get_close_matches(key, dotted_keys(schema), n=1, cutoff=0.5)
     fix = f"did you mean {hint[0]!r}?" if hint else "see configs/base.py for every key"
     return ConfigError(f"unknown config key {key!r}; {fix}")
@@ -186,6 +190,20 @@ def model_spec(cfg: dict, data) -> tuple[str, dict]:
     return m["name"], kwargs
 
 
+DIT_GRID_CLASSES = [207, 360, 387, 974, 88, 979, 417, 279]  # the ImageNet classes of the DiT README's samples
+
+
+def grid_classes(sample: dict, num_classes: int) -> list:
+    """The rows of a run's sample grids: ``sample.grid_classes``, or by default 8 classes of the data set (the
+    DiT README's on ImageNet's 1000, else up to 8 spread evenly over 0..num_classes-1)."""
+    if sample["grid_classes"] is not None:
+        return list(sample["grid_classes"])
+    if num_classes == 1000:
+        return DIT_GRID_CLASSES
+    rows = min(8, num_classes)
+    return [i * num_classes // rows for i in range(rows)]
+
+
 def run_dir_of(cfg: dict) -> Path:
     return Path(cfg["train"]["run_dir"] or f"runs/{cfg['_name']}")
 
@@ -210,6 +228,9 @@ def resume_config(path: str | os.PathLike, overrides: list[str] = (), say=print)
         raise ConfigError(f"{saved} is not valid JSON ({e}); restore it, or resume without it by deleting it "
                           f"(the config file and the overrides given now then make the config)") from None
     schema = defaults()
+    for key in RETIRED:
+        group, name = key.split(".")
+        run_cfg.get(group, {}).pop(name, None)
     for group in GROUPS:  # keys added to the code since the run started take their defaults
         run_cfg[group] = {**schema[group], **run_cfg.get(group, {})}
     check_keys({g: run_cfg[g] for g in GROUPS}, schema)

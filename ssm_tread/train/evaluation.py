@@ -35,7 +35,7 @@ from ssm_tread.eval.features import compute_features
 from ssm_tread.eval.inception import INCEPTION_URL
 from ssm_tread.progress import progress_bar, write
 from ssm_tread.sampling import chunk_generator, generate, to_uint8
-from ssm_tread.train.config import ConfigError
+from ssm_tread.train.config import ConfigError, grid_classes
 from ssm_tread.train.distributed import gather_objects
 from ssm_tread.train.rng import isolated_rng
 
@@ -76,7 +76,9 @@ def check_eval_config(cfg: dict) -> None:
 class Evaluation:
     """``evaluation(model, step)`` on every rank: samples the fixed evaluation set with ``model`` (eval mode),
     scores it, logs ``eval/<name>`` to ``metrics`` and returns the metrics on rank 0 (None elsewhere).
-    A second call at the same step returns the first result."""
+    A second call at the same step returns the first result. ``evaluation(model, step, interruptible)``
+    samples through ``interruptible(work)``, which returns None when it abandons the work (a stop signal):
+    then every rank abandons the evaluation and returns None."""
 
     def __init__(self, cfg: dict, num_classes: int, shape: tuple, diffusion, device, decode=None, metrics=None,
                  rank: int = 0, world: int = 1):
@@ -91,6 +93,7 @@ class Evaluation:
         self.progress = rank == 0 and cfg["log"]["progress"]
         n = ec["num_samples"]
         self.labels = torch.arange(n) * num_classes // n
+        self.grid_classes = grid_classes(self.sample_cfg, num_classes)
         self.seed = self.sample_cfg["seed"] + 1  # other noise than the sample grids'
         if self.latent:
             try:
@@ -126,13 +129,14 @@ class Evaluation:
         return self.extractor.features(images)  # {"features", "logits"}
 
     @torch.no_grad()
-    def __call__(self, model, step: int) -> dict | None:
+    def __call__(self, model, step: int, interruptible=None) -> dict | None:
         if step == self.step:
             return self.result
         with isolated_rng(self.device):
-            return self._evaluate(model, step)
+            return self._evaluate(model, step, interruptible or (lambda work, *args: work(*args)))
 
-    def _evaluate(self, model, step: int) -> dict | None:
+    def _sample(self, model, step: int) -> list:
+        """This rank's chunks: [(chunk index, features, digits: the images)]."""
         batch = self.sample_cfg["batch_size"]
         chunks = range(self.rank, math.ceil(len(self.labels) / batch), self.world)
         mine = []
@@ -142,8 +146,13 @@ class Evaluation:
             noise = torch.randn((len(y), *self.shape), generator=generator, device=self.device)
             images = generate(model, self.diffusion, y, noise, self.sample_cfg, self.decode, generator)
             mine.append((i, self._features(images), None if self.latent else images.cpu()))
-        parts = sorted((part for rank_parts in gather_objects(mine, self.world) for part in rank_parts),
-                       key=lambda part: part[0])
+        return mine
+
+    def _evaluate(self, model, step: int, interruptible) -> dict | None:
+        every_rank = gather_objects(interruptible(self._sample, model, step), self.world)
+        if any(mine is None for mine in every_rank):
+            return None  # a stop signal abandoned it
+        parts = sorted((part for mine in every_rank for part in mine), key=lambda part: part[0])
         self.step, self.result = step, None
         if self.rank != 0:
             return None
@@ -169,5 +178,5 @@ class Evaluation:
         if self.latent:
             return result, None
         sc = self.sample_cfg
-        grid = torch.cat([self.images[self.labels == c][:sc["grid_per_class"]] for c in sc["grid_classes"]])
+        grid = torch.cat([self.images[self.labels == c][:sc["grid_per_class"]] for c in self.grid_classes])
         return result, grid

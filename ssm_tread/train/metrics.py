@@ -8,16 +8,36 @@ from pathlib import Path
 
 import torch
 
+from ssm_tread.errors import UserError
+
+
+def read_metrics(path: Path, say=None) -> list[dict]:
+    """The rows of a metrics.jsonl. A torn last line (the disk filled, or the run was killed, while it was
+    written) is dropped, and ``say`` is told; a damaged line before it is an error naming it."""
+    lines = path.read_text().splitlines()
+    rows = []
+    for number, line in enumerate(lines, start=1):
+        try:
+            rows.append(json.loads(line))
+        except ValueError:
+            if number < len(lines):
+                raise UserError(f"{path}: line {number} is not JSON (damaged); delete that line and continue "
+                                f"with --resume") from None
+            if say is not None:
+                say(f"{path}: dropping its torn last line {number} (cut off by a full disk or a kill)")
+    return rows
+
 
 class Metrics:
-    """metrics.jsonl and TensorBoard on rank 0; lines after ``start_step`` of an earlier run are dropped."""
+    """metrics.jsonl and TensorBoard on rank 0; lines after ``start_step`` of an earlier run are dropped
+    (and a torn last line, saying so)."""
 
-    def __init__(self, run_dir: Path, tensorboard: bool, start_step: int):
+    def __init__(self, run_dir: Path, tensorboard: bool, start_step: int, say=print):
         self.path = run_dir / "metrics.jsonl"
         kept = []
         if start_step and self.path.exists():
-            kept = [line for line in self.path.read_text().splitlines() if json.loads(line)["step"] <= start_step]
-        self.path.write_text("".join(line + "\n" for line in kept))
+            kept = [row for row in read_metrics(self.path, say) if row["step"] <= start_step]
+        self.path.write_text("".join(json.dumps(row) + "\n" for row in kept))
         self.writer = None
         if tensorboard:
             from torch.utils.tensorboard import SummaryWriter
@@ -41,8 +61,7 @@ def plot_loss(metrics_path: Path, out: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    rows = [json.loads(line) for line in metrics_path.read_text().splitlines()]
-    rows = [r for r in rows if "loss" in r]
+    rows = [r for r in read_metrics(metrics_path) if "loss" in r]
     if not rows:
         return
     fig, ax = plt.subplots(figsize=(6, 4))

@@ -39,11 +39,12 @@ from ssm_tread.checkpoint import (
     save_checkpoint,
 )
 from ssm_tread.errors import UserError
+from ssm_tread.machine import loader_workers
 from ssm_tread.models import count_macs
 from ssm_tread.ops import allow_tf32, set_backend
 from ssm_tread.progress import progress_bar
 from ssm_tread.sampling import generate, grid_labels, load_vae, noise_shape, save_grid
-from ssm_tread.train.config import ConfigError, model_spec, run_dir_of, save_config
+from ssm_tread.train.config import ConfigError, grid_classes, model_spec, run_dir_of, save_config
 from ssm_tread.train.distributed import gather_objects
 from ssm_tread.train.ema import EMA
 from ssm_tread.train.evaluation import Evaluation
@@ -126,25 +127,50 @@ def _ignore_sigint(worker_id: int) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
+class Abandon(Exception):
+    """A stop signal arrived during work that :meth:`StopSignal.interruptible` runs."""
+
+
 class StopSignal:
-    """Turns SIGTERM/SIGINT into a flag checked between steps; a second signal acts as usual."""
+    """Turns SIGTERM/SIGINT into a flag checked between steps, and ends at once the work run through
+    :meth:`interruptible` (sample grids, evaluations); a second signal acts as usual."""
 
     def __init__(self):
-        self.received = None
+        self.received = None  # the signal's number
+        self._interruptible = False
         self.previous = {s: signal.signal(s, self._handle) for s in (signal.SIGTERM, signal.SIGINT)}
 
     def _handle(self, signum, frame):
-        self.received = signal.Signals(signum).name
+        self.received = signum
         for s, handler in self.previous.items():
             signal.signal(s, handler)
+        if self._interruptible:
+            raise Abandon
+
+    def interruptible(self, work, *args):
+        """``work(*args)``, or None when a stop signal came before it or ends it (between two Python lines)."""
+        if self.received is not None:
+            return None
+        self._interruptible = True
+        try:
+            return work(*args)
+        except Abandon:
+            return None
+        finally:
+            self._interruptible = False
+
+    def agreed(self, world: int) -> bool:
+        """Whether any rank received a stop signal (a collective every rank joins)."""
+        return any(gather_objects(self.received is not None, world))
 
     def restore(self):
         for s, handler in self.previous.items():
             signal.signal(s, handler)
 
 
-def find_resume(cfg: dict, ckpt_dir: Path, say=print) -> dict | None:
-    """The loaded checkpoint to continue from, or None for a fresh run (which must not clobber an earlier one).
+def find_resume(cfg: dict, ckpt_dir: Path, say=print, overwrite: bool = False) -> dict | None:
+    """The loaded checkpoint to continue from, or None for a fresh run, which replaces the checkpoints of an
+    earlier run only with ``overwrite`` (asked for on the command line: tools/train.py --overwrite).
 
     ``train.resume=auto`` takes the newest good checkpoint, saying which corrupt ones it passed over, or
     says that it starts fresh when there is none."""
@@ -156,10 +182,9 @@ def find_resume(cfg: dict, ckpt_dir: Path, say=print) -> dict | None:
         return state
     if resume != "none":
         return load_checkpoint(resume)
-    if newest is not None and not cfg["train"]["overwrite"]:
+    if newest is not None and not overwrite:
         raise TrainingError(f"{ckpt_dir} already holds checkpoints (newest {newest.name}): continue that run with "
-                            f"--resume (train.resume=auto), start over with train.overwrite=true, "
-                            f"or choose another train.run_dir")
+                            f"--resume, start over with --overwrite (deletes them), or choose another train.run_dir")
     return None
 
 
@@ -186,6 +211,7 @@ class Run:
     batches: object = None
     train_step: TrainStep = None
     micro: int = 0
+    workers: int = 0  # data-loader worker processes of this rank
     decode: object = None
     metrics: Metrics | None = None
     evaluation: Evaluation | None = None
@@ -200,17 +226,20 @@ class Run:
         return self.accelerator.is_main_process
 
 
-def train(cfg: dict) -> dict:
+def train(cfg: dict, overwrite: bool = False) -> dict:
     """Train as ``cfg`` says; returns a summary (run_dir, step, last checkpoint, final eval metrics).
+    ``overwrite``: a fresh run (``train.resume=none``) may delete the checkpoints of an earlier run in the
+    run dir; without it such a run dir is refused.
 
     The whole config is checked first (ConfigError, one line per problem; nothing is created). Rank 0
     holds the run dir's lock while the run lasts."""
     validate_config(cfg)
     with RunLock(run_dir_of(cfg)) if int(os.environ.get("RANK", 0)) == 0 else nullcontext():
-        run = setup(cfg)
+        run = setup(cfg, overwrite)
         stopped = loop(run)
         if stopped:
-            return {"run_dir": run.run_dir, "step": run.step, "checkpoint": run.last_ckpt, "stopped": True}
+            return {"run_dir": run.run_dir, "step": run.step, "checkpoint": run.last_ckpt, "stopped": True,
+                    "signal": stopped}
         return finish(run)
 
 
@@ -227,7 +256,7 @@ def start_accelerator(tc: dict):
     return accelerator
 
 
-def setup(cfg: dict) -> Run:
+def setup(cfg: dict, overwrite: bool = False) -> Run:
     """Build or restore the model, EMA, optimizer and data stream, and open the outputs (the config is valid)."""
     tc = cfg["train"]
     accelerator = start_accelerator(tc)
@@ -235,7 +264,8 @@ def setup(cfg: dict) -> Run:
     select_scan_backend(cfg["model"]["scan_backend"])
     micro = tc["batch_size"] // (world * tc["grad_accum"])
     run_dir = run_dir_of(cfg)
-    state = find_resume(cfg, run_dir / "checkpoints", print if accelerator.is_main_process else lambda line: None)
+    state = find_resume(cfg, run_dir / "checkpoints", print if accelerator.is_main_process else lambda line: None,
+                        overwrite)
     accelerator.wait_for_everyone()
 
     dataset = build_dataset_from(cfg)
@@ -244,12 +274,14 @@ def setup(cfg: dict) -> Run:
     run.train_step = TrainStep(run.model, run.diffusion, run.optimizer, run.scheduler, run.ema,
                                loss_type=cfg["routing"]["loss"], grad_clip=cfg["optim"]["grad_clip"],
                                no_sync=no_gradient_sync if is_sharded(run.raw_model) else accelerator.no_sync)
-    loader = DataLoader(dataset, num_workers=cfg["data"]["num_workers"], pin_memory=device.type == "cuda",
+    workers = loader_workers(world) if cfg["data"]["num_workers"] is None else cfg["data"]["num_workers"]
+    loader = DataLoader(dataset, num_workers=workers, pin_memory=device.type == "cuda",
                         batch_sampler=GlobalBatches(len(dataset), tc["batch_size"], micro, rank, world, tc["seed"],
                                                     run.step),
                         generator=torch.Generator().manual_seed(tc["seed"] + rank), worker_init_fn=_ignore_sigint,
-                        persistent_workers=cfg["data"]["num_workers"] > 0)
+                        persistent_workers=workers > 0)
     run.batches = iter(loader)
+    run.workers = workers
     open_outputs(run, fresh=state is None)
     return run
 
@@ -325,7 +357,7 @@ def open_outputs(run: Run, fresh: bool) -> None:
         save_config(cfg, run.run_dir / "config.json")
         remove_partial_checkpoints(run.ckpt_dir)  # a killed write's temp files (rank 0 holds the run dir's lock)
     if run.main and fresh:
-        for _, old in list_checkpoints(run.ckpt_dir):  # an earlier run's, with train.overwrite=true
+        for _, old in list_checkpoints(run.ckpt_dir):  # an earlier run's, with --overwrite
             old.unlink()
     run.last_ckpt = latest_checkpoint(run.ckpt_dir)
     run.metrics = Metrics(run.run_dir, lc["tensorboard"], run.step) if run.main else None
@@ -338,14 +370,18 @@ def open_outputs(run: Run, fresh: bool) -> None:
         world, fsdp = run.accelerator.num_processes, is_sharded(run.raw_model)
         print(f"{run.model_name}: {params / 1e6:.2f}M parameters, {run.macs / 1e9:.3f} GMACs/image routed; {world} "
               f"rank(s) on {device.type}{' (FSDP)' if fsdp else ''}, micro-batch {run.micro} x "
-              f"{cfg['train']['grad_accum']} accumulation; run dir {run.run_dir}"
+              f"{cfg['train']['grad_accum']} accumulation, {run.workers} loader worker(s); run dir {run.run_dir}"
               + (f"; resuming from step {run.step}" if run.step else ""))
         if cfg["train"]["fsdp"] and not fsdp:
             print("train.fsdp: a single process has nothing to shard; it trains unsharded")
+        if run.step >= cfg["train"]["steps"]:
+            print(f"the run is complete at step {run.step} (train.steps={cfg['train']['steps']}): nothing to train, "
+                  f"only its final outputs are made again; to train longer, resume with a larger train.steps")
 
 
-def loop(run: Run) -> bool:
-    """Train from ``run.step`` to ``train.steps``; returns True when a signal stopped the run (after a checkpoint)."""
+def loop(run: Run) -> int:
+    """Train from ``run.step`` to ``train.steps``; returns the number of the signal that stopped the run (after a
+    checkpoint; a grid or an evaluation in progress is abandoned), else 0."""
     cfg, accelerator = run.cfg, run.accelerator
     tc, lc, ec = cfg["train"], cfg["log"], cfg["eval"]
     device, world, rank = accelerator.device, accelerator.num_processes, accelerator.process_index
@@ -380,31 +416,35 @@ def loop(run: Run) -> bool:
                 values = window.flush(tc["batch_size"], run.macs, world, run.scheduler.get_last_lr()[0], grad_norm)
                 run.metrics.log(run.step, values)
                 bar.set_postfix(loss=f"{values['loss']:.4f}", img_s=f"{values['images_per_s']:.0f}")
-            if lc["grid_every"] and run.step % lc["grid_every"] == 0:
+            if lc["grid_every"] and run.step % lc["grid_every"] == 0 and not stopping:
                 sampler = run.ema.sampling_model()  # under FSDP a gather every rank joins
                 if run.main:
-                    write_grid(run, sampler, run.run_dir / "grids" / f"step-{run.step:07d}.png")
-                accelerator.wait_for_everyone()
+                    stop.interruptible(write_grid, run, sampler, run.run_dir / "grids" / f"step-{run.step:07d}.png")
+                stopping = stop.agreed(world)
             if tc["ckpt_every"] and run.step % tc["ckpt_every"] == 0 or stopping:
                 run.last_ckpt = save(run)
             if ec["every"] and run.step % ec["every"] == 0 and not stopping:
-                run.evaluation(run.ema.sampling_model(), run.step)
+                run.evaluation(run.ema.sampling_model(), run.step, stop.interruptible)
+                stopping = stop.agreed(world)
+                if stopping and run.last_ckpt != checkpoint_path(run.ckpt_dir, run.step):
+                    run.last_ckpt = save(run)
             if stopping:
+                signum = stop.received or signal.SIGTERM  # another rank's signal stopped this one
                 if run.main:
-                    bar.write(f"stopped by a signal at step {run.step}; checkpoint {run.last_ckpt}; "
-                              f"continue with --resume")
+                    bar.write(f"stopped by {signal.Signals(signum).name} at step {run.step}; checkpoint "
+                              f"{run.last_ckpt}; continue with --resume")
                     run.metrics.close()
-                return True
+                return signum
     finally:
         stop.restore()
         bar.close()
-    return False
+    return 0
 
 
 def write_grid(run: Run, sampler, path: Path) -> None:
     """A grid of ``sample.grid_classes`` x ``sample.grid_per_class`` samples from fixed noise."""
     sc, device = run.cfg["sample"], run.accelerator.device
-    labels = grid_labels(sc["grid_classes"], sc["grid_per_class"], device)
+    labels = grid_labels(grid_classes(sc, run.dataset.num_classes), sc["grid_per_class"], device)
     generator = torch.Generator().manual_seed(sc["seed"])
     noise = torch.randn((len(labels), *noise_shape(run.raw_model)), generator=generator)
     with isolated_rng(device):  # the training's draws stay as they were

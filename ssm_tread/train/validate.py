@@ -76,27 +76,39 @@ def dataset_geometry(cfg: dict) -> dict | None:
             "num_classes": index["num_classes"]}
 
 
+def _first_line(error: Exception) -> str:
+    return str(error).splitlines()[0] if str(error) else type(error).__name__
+
+
 def _check_model(cfg: dict, geometry: dict | None, problems: _Problems) -> None:
-    """Build the model on the meta device: checks its name, keyword arguments and routes against its depth."""
+    """Build the model on the meta device, first without routes (checks its name and keyword arguments), then
+    with them: an error is the routes' only when the model without them builds (parse_routes, or the model)."""
     from ssm_tread.models import create_model
+    from ssm_tread.routing import parse_routes
 
     m, r = cfg["model"], cfg["routing"]
     data = SimpleNamespace(**(geometry or {"image_size": 32, "channels": 4, "num_classes": 1000}))
-    try:
-        name, kwargs = model_spec(cfg, data)  # a keyword given twice (model.kwargs.num_classes) is a TypeError
+    try:  # a keyword given twice (model.kwargs.num_classes) is a TypeError
+        name, kwargs = model_spec({**cfg, "routing": {**r, "routes": []}}, data)
         with torch.device("meta"):
-            create_model(name, **kwargs)
+            depth = len(create_model(name, **kwargs).blocks)
     except (ValueError, TypeError, AssertionError) as e:
-        message = str(e).splitlines()[0] if str(e) else type(e).__name__
-        if "route" in message:
-            problems.add("routing.routes", r["routes"], message,
-                         "change routing.routes (start, end, ratio), end inclusive, or the model's depth")
-        elif "unknown model" in message:
+        message = _first_line(e)
+        if "unknown model" in message:
             problems.add("model.name", m["name"], message.split(" Valid names")[0],
-                         "choose DiT-{S,B,L,XL}/{2,4,8}, DiM-{L,H}/2, ZigMa-{S,B,M,L,H}/{1,2}, "
+                         "choose DiT-{S,B,L,XL}/{2,4,8}, DiM-{S,B,L,H}/2, ZigMa-{S,B,M,L,H}/{1,2,4}, "
                          "or DiT, DiM, ZigMa with model.kwargs")
         else:
             problems.add("model.kwargs", m["kwargs"], message, "fix the model's keyword arguments")
+        return
+    try:
+        parse_routes(r["routes"], depth)
+        name, kwargs = model_spec(cfg, data)
+        with torch.device("meta"):
+            create_model(name, **kwargs)
+    except (ValueError, TypeError, AssertionError) as e:
+        problems.add("routing.routes", r["routes"], _first_line(e), f"give a list of (start, end, ratio) with "
+                     f"0 <= start <= end < {depth} (the model's depth), e.g. routing.routes=[(1, 1, 0.5)]")
 
 
 def _check_sampling(cfg: dict, problems: _Problems) -> None:
@@ -141,7 +153,10 @@ def _check_data(cfg: dict, problems: _Problems) -> None:
     data = cfg["data"]
     if not problems.choice("data.name", data["name"], DATASETS):
         return
-    problems.at_least(cfg, "data.num_workers", 0, 4)
+    if data["num_workers"] is not None and not isinstance(data["num_workers"], int):
+        problems.add("data.num_workers", data["num_workers"], "must be an integer or None",
+                     "e.g. data.num_workers=2, or None to size it to the machine")
+    problems.at_least(cfg, "data.num_workers", 0, 2)
     problems.choice("data.verify", data["verify"], LATENT_VERIFY)
     if data["name"] != "latents":
         return
@@ -200,13 +215,14 @@ def _check_log_and_sample(cfg: dict, geometry: dict | None, problems: _Problems)
     problems.at_least(cfg, "log.grid_every", 0, 10000)
     for key, low, example in (("batch_size", 1, 32), ("grid_per_class", 1, 8), ("grid_cols", 0, 0), ("seed", 0, 0)):
         problems.at_least(cfg, f"sample.{key}", low, example)
-    if geometry is not None:
-        n = geometry["num_classes"]
-        bad = [c for c in sc["grid_classes"] if not (isinstance(c, int) and 0 <= c < n)]
-        if bad or not sc["grid_classes"]:
-            problems.add("sample.grid_classes", sc["grid_classes"], f"needs classes in 0..{n - 1}",
-                         f"e.g. sample.grid_classes=[0,1,2] (wrong: {bad})")
     latent = cfg["data"]["name"] == "latents"
+    sampled = lc["grid_every"] or cfg["eval"]["num_samples"] or not latent  # digits: samples.png at the end
+    rows = sc["grid_classes"]  # None: 8 classes of the data set (train.config.grid_classes)
+    if sampled and geometry is not None and rows is not None:
+        n = geometry["num_classes"]
+        if not (isinstance(rows, (list, tuple)) and rows and all(isinstance(c, int) and 0 <= c < n for c in rows)):
+            problems.add("sample.grid_classes", rows, f"needs a list of classes in 0..{n - 1}",
+                         "e.g. sample.grid_classes=[0,1,2], or None for 8 of the data set's")
     if latent and (lc["grid_every"] or cfg["eval"]["num_samples"]) and not Path(sc["vae"], "config.json").is_file():
         problems.add("sample.vae", sc["vae"], f"no VAE at {sc['vae']!r} (sample grids and evaluation decode latents "
                      f"with it)", f"download stabilityai/sd-vae-ft-ema there (huggingface-cli download "

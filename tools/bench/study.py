@@ -59,7 +59,7 @@ def run_overrides(cfg: dict, backbone: str, mode: str, seed: int, runs_root: str
     return [f"model.name={name}", f"model.kwargs={dict(kwargs)!r}", f"routing.routes={routes!r}",
             f"routing.scan_consistent={mode != 'naive'}", f"train.seed={seed}",
             f"train.run_dir={Path(runs_root) / f'{backbone}-{mode}-seed{seed}'}", "train.resume=none",
-            "train.overwrite=true", "log.progress=false"]
+            "log.progress=false"]
 
 
 def is_finished(config_path: str, overrides: list[str]) -> bool:
@@ -71,12 +71,13 @@ def is_finished(config_path: str, overrides: list[str]) -> bool:
 
 
 def train_run(config_path: str, overrides: list[str]) -> tuple[int, Path]:
-    """``python tools/train.py CONFIG OVERRIDES`` with its output in the run's train.log; (exit code, log)."""
+    """``python tools/train.py CONFIG OVERRIDES --overwrite`` (an unfinished run starts over) with its output in
+    the run's train.log; (exit code, log)."""
     run_dir = Path(load_config(config_path, overrides)["train"]["run_dir"])
     run_dir.mkdir(parents=True, exist_ok=True)
     log = run_dir / "train.log"
     with open(log, "w") as f:
-        done = subprocess.run([sys.executable, str(TRAIN), config_path, *overrides], stdout=f,
+        done = subprocess.run([sys.executable, str(TRAIN), config_path, *overrides, "--overwrite"], stdout=f,
                               stderr=subprocess.STDOUT, check=False, env={**os.environ, "OMP_NUM_THREADS": "1"})
     return done.returncode, log
 
