@@ -224,7 +224,7 @@ def load_newest_good(folder: str | os.PathLike, say=print) -> dict | None:
         return state
     if skipped:
         raise CheckpointError(f"every checkpoint in {folder} is corrupt ({', '.join(skipped)}): start over with "
-                              f"train.overwrite=true instead of --resume, or choose another train.run_dir")
+                              f"tools/train.py --overwrite instead of --resume, or choose another train.run_dir")
     return None
 
 
