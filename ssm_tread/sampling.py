@@ -25,6 +25,7 @@ import torch
 
 from ssm_tread.diffusion import Guidance, create_diffusion
 from ssm_tread.diffusion.common import check_choice
+from ssm_tread.machine import share
 from ssm_tread.models import create_model
 from ssm_tread.checkpoint import content_checksum, load_checkpoint, load_weights
 from ssm_tread.errors import UserError
@@ -332,6 +333,8 @@ def sample_npz_file(checkpoint, out: str | os.PathLike, num_images: int, labels:
     out = check_output_path(out, "--out", (".npz",))
     state = PartialState(cpu=not torch.cuda.is_available())
     model, diffusion, sample_cfg, decode, source = _setup(checkpoint, sample_overrides or {}, use_ema, state.device)
+    if not (sample_overrides or {}).get("batch_size"):  # the config's batch, cut so that every rank gets chunks
+        sample_cfg["batch_size"] = share(sample_cfg["batch_size"], num_images, state.num_processes)
     y = make_labels(num_images, model.num_classes, labels, sample_cfg["seed"])
     if out.exists():
         recorded = recorded_plan(out)

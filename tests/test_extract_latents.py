@@ -185,3 +185,13 @@ def test_missing_inputs(images, vae_dir, tmp_path):
         extract(images, tmp_path / "o", str(tmp_path / "no_vae"))
     with pytest.raises(FileNotFoundError, match="does not exist"):
         extract(str(tmp_path / "no_images"), tmp_path / "o", vae_dir)
+
+
+def test_default_shards_give_every_rank_work_and_a_resume_keeps_them(images, vae_dir, tmp_path):
+    # 7 images on 2 ranks: shards of ceil(7 / 2) = 4, not one shard of 10,000 for rank 0 alone
+    kwargs = dict(image_size=16, batch_size=2, progress=False, num_workers=0, world_size=2)
+    assert extract_latents(images, str(tmp_path), vae_dir, rank=0, **kwargs) is None  # rank 1's shard is missing
+    index = read_json(tmp_path / "index.json")
+    assert index["shard_size"] == 4 and [s["count"] for s in index["shards"]] == [4, 3]
+    # a rank of a resumed run on 3 processes takes the index's shard size, not ceil(7 / 3) = 3
+    assert extract_latents(images, str(tmp_path), vae_dir, rank=1, **{**kwargs, "world_size": 3}) is not None

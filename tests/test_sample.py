@@ -88,3 +88,12 @@ def test_cli_writes_an_npz(run_dir, tmp_path):
                            "--steps", "1", "--out", str(out)], capture_output=True, text=True, check=False, timeout=180)
     assert done.returncode == 0, done.stderr[-2000:]
     assert np.load(out)["arr_0"].shape == (5, 16, 16, 3) and not (tmp_path / "cli.npz.chunks").exists()
+
+
+def test_the_default_batch_is_cut_to_leave_no_rank_idle(run_dir, tmp_path):
+    # the config samples 100 a batch; 3 images on one process: one chunk of 3 (ceil(3 / 1)), as recorded
+    out = sampling.sample_npz_file(run_dir, tmp_path / "few.npz", 3, sample_overrides={"steps": 1}, progress=False)
+    assert sampling.recorded_plan(out)["batch_size"] == 3
+    out = sampling.sample_npz_file(run_dir, tmp_path / "given.npz", 3, sample_overrides={"steps": 1, "batch_size": 2},
+                                   progress=False)
+    assert sampling.recorded_plan(out)["batch_size"] == 2  # a batch asked for is kept

@@ -45,8 +45,10 @@ def main():
                                  f"check that the latents come from it")
     p.add_argument("--image-size", type=positive_int, default=256)
     p.add_argument("--batch-size", type=positive_int, default=32)
-    p.add_argument("--shard-size", type=positive_int, default=10000, help="images per shard")
-    p.add_argument("--workers", type=int, default=4, help="DataLoader workers for image decoding")
+    p.add_argument("--shard-size", type=positive_int, help="images per shard (default: the index's when resuming, "
+                                                            "else at most 10,000 with a shard for every rank)")
+    p.add_argument("--workers", type=int, help="DataLoader workers for image decoding per rank (default: the CPUs "
+                                               "each rank has besides its own, at most 4)")
     p.add_argument("--device", default=None, help="default: cuda:LOCAL_RANK if available, else cpu")
     p.add_argument("--verify", action="store_true", help="check every shard (exists, shapes, finite, checksums)")
     args = p.parse_args()
