@@ -143,6 +143,22 @@ def test_interpreted_strided_inputs_as_the_mixer_passes_them(interpreter):
     check(inputs)
 
 
+def test_interpreted_dense_transposed_u_without_an_output_gradient(interpreter):
+    """u laid out [b, L, E] (dense, not contiguous) and a loss on the last state only: the zero output
+    gradient the backward makes must be indexed as the kernel reads it."""
+    inputs = make_inputs(2, 6, 3, 19)
+    inputs["u"] = inputs["u"].detach().transpose(1, 2).contiguous().transpose(1, 2).requires_grad_()
+    check(inputs, use_y=False)
+
+
+def test_interpreted_softplus_of_very_negative_dt(interpreter):
+    """softplus(x) ~ exp(x) far below 0: log(1 + exp(x)) in float32 is off by 1e-3 at -10 and 0 below -17."""
+    inputs = make_inputs(1, 4, 3, 12, extras=False)
+    inputs["delta"] = torch.linspace(-26.0, -9.0, 4 * 12).view(1, 4, 12).requires_grad_()
+    inputs["u"] = inputs["u"].detach().mul(1e6).requires_grad_()  # y of order 1, not of order dt
+    check(inputs)
+
+
 def test_interpreted_bf16_inputs_keep_a_float32_state(interpreter):
     inputs = make_inputs(1, 4, 3, 12, dtype=torch.bfloat16)
     check(inputs, rtol=2e-2)

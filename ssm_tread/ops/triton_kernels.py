@@ -19,6 +19,18 @@ def column(tile, cols, n):
 
 
 @triton.jit
+def softplus(x):
+    """log(1 + e^x) to float32 precision at every x. log(1 + v) rounds 1 + v and so loses v's digits
+    (all of them below x = -17); log(w) * v / (w - 1) with w = 1 + v cancels that rounding (Goldberg,
+    "What every computer scientist should know about floating-point arithmetic", 1991)."""
+    v = tl.exp(tl.minimum(x, 20.0))
+    w = 1.0 + v
+    rounded = w - 1.0  # v as 1 + v kept it: 0 when v < 2^-24, where log(1 + v) = v
+    log1p = tl.where(rounded == 0.0, v, tl.log(w) * v / tl.where(rounded == 0.0, 1.0, rounded))
+    return tl.where(x > 20.0, x, log1p)
+
+
+@triton.jit
 def load_dt(delta_ptr, bias, offs, mask, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr):
     """dt (float32, 0 outside the sequence) and the raw value it came from."""
     raw = tl.load(delta_ptr + offs, mask=mask, other=0.0).to(tl.float32)
@@ -26,7 +38,7 @@ def load_dt(delta_ptr, bias, offs, mask, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.co
         raw += bias[:, None]
     dt = raw
     if SOFTPLUS:
-        dt = tl.where(raw > 20.0, raw, tl.log(1.0 + tl.exp(raw)))
+        dt = softplus(raw)
     return tl.where(mask, dt, 0.0), raw
 
 

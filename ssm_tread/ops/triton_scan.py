@@ -152,7 +152,9 @@ class _TritonScan(torch.autograd.Function):
         u, delta, A, B, C, D, z, delta_bias, states = ctx.saved_tensors
         batch = u.shape[0]
         groups = ctx.launch.grid[1]
-        grad_y = torch.zeros_like(u) if grad_y is None else grad_y.contiguous()
+        if grad_y is None:  # a loss on the last state only; the kernel reads dy as contiguous
+            grad_y = torch.zeros_like(u, memory_format=torch.contiguous_format)
+        grad_y = grad_y.contiguous()
         grad_last = grad_last.contiguous() if grad_last is not None else None
         launch, grads = backward_launch(ctx.launch, u, delta, A, B, C, D, z, delta_bias, states, grad_y, grad_last)
         scan_bwd[launch.grid](*launch.args, **LAUNCH_OPTIONS, **launch.constants)
