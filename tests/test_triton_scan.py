@@ -84,9 +84,10 @@ def make_inputs(batch, channels, state, length, b_groups=None, c_groups=None, ex
 
 
 def weighted_grads(outputs, inputs, seed=1):
-    """Gradients of a random linear function of the outputs (None entries are skipped)."""
+    """Gradients of a random linear function of the outputs (None entries are skipped). The weights are
+    drawn on the CPU, the same for outputs on any device, and moved to each output's device."""
     g = torch.Generator().manual_seed(seed)
-    loss = sum((o.double() * torch.randn(o.shape, generator=g, dtype=torch.float64)).sum()
+    loss = sum((o.double() * torch.randn(o.shape, generator=g, dtype=torch.float64).to(o.device)).sum()
                for o in outputs if o is not None)
     grads = torch.autograd.grad(loss, list(inputs.values()), allow_unused=True, materialize_grads=True)
     return dict(zip(inputs, grads))
@@ -162,6 +163,12 @@ def test_interpreted_softplus_of_very_negative_dt(interpreter):
 def test_interpreted_bf16_inputs_keep_a_float32_state(interpreter):
     inputs = make_inputs(1, 4, 3, 12, dtype=torch.bfloat16)
     check(inputs, rtol=2e-2)
+
+
+def test_weighted_grads_of_outputs_on_another_device():
+    """The GPU test weighs CUDA outputs; the meta device stands in for CUDA here."""
+    x = torch.ones(3, device="meta", requires_grad=True)
+    assert weighted_grads((2 * x,), {"x": x})["x"].device.type == "meta"
 
 
 def test_triton_on_cpu_needs_the_interpreter(monkeypatch):
