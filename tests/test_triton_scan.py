@@ -23,12 +23,15 @@ scan_module = importlib.import_module("ssm_tread.ops.selective_scan")
 triton_scan = importlib.import_module("ssm_tread.ops.triton_scan")
 CHUNK, BLOCK_E = 8, 4
 INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
+INTERPRETER_PROBLEM = triton_scan.interpreter_problem()  # None, or why the interpreter cannot run here
 
 
 @pytest.fixture
 def interpreter(monkeypatch):
     if not INTERPRETED:
         pytest.skip("an interpreter case: run by test_interpreter_cases in a TRITON_INTERPRET=1 subprocess")
+    if INTERPRETER_PROBLEM:
+        pytest.skip(INTERPRETER_PROBLEM)
     monkeypatch.delenv(scan_module.ENV_VAR, raising=False)
     monkeypatch.setattr(triton_scan, "CHUNK", CHUNK)
     monkeypatch.setattr(triton_scan, "BLOCK_E", BLOCK_E)
@@ -191,7 +194,23 @@ def test_cuda_prefers_mamba_ssm_then_triton_then_torch(monkeypatch):
         active_backend("cuda")
 
 
+@pytest.mark.parametrize("versions, broken", [(("3.6.0", "2.4.0"), True), (("3.6.0", "2.3.5"), False),
+                                              (("3.8.0", "2.4.6"), False), (("3.7.0+git1a2b", "2.5.0"), False)])
+def test_interpreter_problem_names_triton_before_3_7_with_numpy_2_4(monkeypatch, versions, broken):
+    import numpy
+    import triton
+
+    monkeypatch.setattr(triton, "__version__", versions[0])
+    monkeypatch.setattr(numpy, "__version__", versions[1])
+    triton_scan.interpreter_problem.cache_clear()
+    try:
+        assert bool(triton_scan.interpreter_problem()) == broken
+    finally:
+        triton_scan.interpreter_problem.cache_clear()
+
+
 @pytest.mark.skipif(INTERPRETED, reason="this is the subprocess")
+@pytest.mark.skipif(bool(INTERPRETER_PROBLEM), reason=str(INTERPRETER_PROBLEM))
 def test_interpreter_cases():
     env = dict(os.environ, TRITON_INTERPRET="1")
     args = [sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", __file__, "-k", "interpreted"]

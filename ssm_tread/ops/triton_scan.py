@@ -21,13 +21,14 @@ from __future__ import annotations
 import functools
 import math
 import os
+import re
 from typing import NamedTuple
 
 import torch
 
 CHUNK = 32  # steps per chunk: the length of one in-register scan
 BLOCK_E = 16  # channels per program
-LAUNCH_OPTIONS = dict(num_warps=4)  # [16, 32] tiles, 4 elements a thread: no register spills (tools/bench/kernels.py)
+LAUNCH_OPTIONS = dict(num_warps=8)  # [16, 32] tiles, 2 elements a thread: no spills in triton 3.6 or 3.8
 SIZE_ARGS = 23  # both kernels end with E, N, L, the three group sizes and the 17 strides of u, delta, z, B, C
 
 
@@ -44,6 +45,23 @@ def triton_available() -> bool:
 def interpreted() -> bool:
     """Whether Triton kernels run on the CPU interpreter (``TRITON_INTERPRET=1``)."""
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def _version(module) -> tuple[int, int]:
+    return tuple(int(part) for part in re.match(r"(\d+)\.(\d+)", module.__version__).groups())
+
+
+@functools.cache
+def interpreter_problem() -> str | None:
+    """Why Triton's CPU interpreter cannot run the kernels here, or None: before triton 3.7 it turns
+    one-element arrays into Python integers, which numpy 2.4 refuses (triton-lang/triton#9171)."""
+    import numpy
+    import triton
+
+    if _version(triton) < (3, 7) and _version(numpy) >= (2, 4):
+        return (f"triton {triton.__version__}'s interpreter fails with numpy {numpy.__version__} "
+                "(triton-lang/triton#9171): install numpy<2.4 or triton>=3.7")
+    return None
 
 
 def scan_kernels():
@@ -175,4 +193,6 @@ class _TritonScan(torch.autograd.Function):
 def selective_scan_triton(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False):
     """y [b, E, L] in u's dtype and the last state [b, E, N] float32. B, C are [b, G, N, L]. The
     module's CHUNK and BLOCK_E are read at each call (tests shrink them)."""
+    if interpreted() and interpreter_problem():
+        raise RuntimeError(interpreter_problem())
     return _TritonScan.apply(u, delta, A, B, C, D, z, delta_bias, delta_softplus, CHUNK, BLOCK_E)
