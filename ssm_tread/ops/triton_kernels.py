@@ -55,7 +55,7 @@ def load_dy_scan(dy_ptrs, z_ptrs, mask, HAS_Z: tl.constexpr):
 @triton.jit
 def scan_fwd_kernel(
     u_ptr, delta_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr,  # inputs
-    y_ptr, states_ptr, last_ptr,  # outputs: y [b, E, L], states [b, chunks, E, N], last [b, E, N]
+    y_ptr, states_ptr,  # outputs: y [b, E, L], states [b, chunks + 1, E, N] (the last is the last state)
     E, N, L, channels_per_group, B_groups_div, C_groups_div,
     s_ub, s_ue, s_ut, s_db, s_de, s_dt, s_zb, s_ze, s_zt,
     s_Bb, s_Bg, s_Bn, s_Bt, s_Cb, s_Cg, s_Cn, s_Ct,
@@ -73,15 +73,18 @@ def scan_fwd_kernel(
     D = tl.load(D_ptr + e, mask=row_ok, other=0.0).to(tl.float32) if HAS_D else None
     B_base = B_ptr + b * s_Bb + (g // B_groups_div) * s_Bg
     C_base = C_ptr + b * s_Cb + (g // C_groups_div) * s_Cg
-    state = tl.zeros((BLOCK_E, BLOCK_N), tl.float32)  # h entering the chunk, all N states
-    for chunk in range(0, tl.cdiv(L, CHUNK)):
+    chunks = tl.cdiv(L, CHUNK)
+    # the state entering chunk c is states[b, c]: h = 0 before the first; each chunk's scan writes the
+    # state it leaves (its last column: steps past L are h -> h, as dt = 0 there) for the next to read
+    states_base = states_ptr + b * (chunks + 1) * E * N
+    tl.store(states_base + e[:, None] * N + cols[None, :], tl.zeros((BLOCK_E, BLOCK_N), tl.float32),
+             mask=row_ok[:, None] & (cols[None, :] < N))
+    tl.debug_barrier()
+    for chunk in range(0, chunks):
         t = chunk * CHUNK + steps
         t_ok = t < L
         mask = row_ok[:, None] & t_ok[None, :]
-        tl.store(
-            states_ptr + ((b * tl.cdiv(L, CHUNK) + chunk) * E + e[:, None]) * N + cols[None, :],
-            state, mask=row_ok[:, None] & (cols[None, :] < N),
-        )
+        h0_ptrs = states_base + (chunk * E + e) * N  # [BLOCK_E] pointers to state 0
         dt, _ = load_dt(delta_ptr + b * s_db, bias, e[:, None] * s_de + t[None, :] * s_dt, mask, HAS_BIAS,
                         SOFTPLUS)
         u = tl.load(u_ptr + b * s_ub + e[:, None] * s_ue + t[None, :] * s_ut, mask=mask, other=0.0).to(tl.float32)
@@ -91,13 +94,15 @@ def scan_fwd_kernel(
             A_n = tl.load(A_ptr + e * N + n, mask=row_ok, other=0.0).to(tl.float32)
             B_n = tl.load(B_base + n * s_Bn + t * s_Bt, mask=t_ok, other=0.0).to(tl.float32)
             C_n = tl.load(C_base + n * s_Cn + t * s_Ct, mask=t_ok, other=0.0).to(tl.float32)
+            h0 = tl.load(h0_ptrs + n, mask=row_ok, other=0.0)
             a = tl.exp(dt * A_n[:, None])
-            bu = dtu * B_n[None, :]
-            bu += tl.where(steps[None, :] == 0, a * column(state, cols, n)[:, None], 0.0)
+            bu = dtu * B_n[None, :] + tl.where(steps[None, :] == 0, a * h0[:, None], 0.0)
             _, h = tl.associative_scan((a, bu), 1, affine)
             y += h * C_n[None, :]
-            h_end = tl.sum(tl.where(steps[None, :] == CHUNK - 1, h, 0.0), axis=1)
-            state = tl.where(cols[None, :] == n, h_end[:, None], state)
+            # addresses run along the steps like the tile's other accesses; only the last column's is real
+            tl.store(h0_ptrs[:, None] + E * N + n + (steps[None, :] - (CHUNK - 1)), h,
+                     mask=row_ok[:, None] & (steps[None, :] == CHUNK - 1))
+        tl.debug_barrier()  # the states just written are read by other threads in the next chunk
         if HAS_D:
             y += D[:, None] * u
         if HAS_Z:
@@ -105,7 +110,6 @@ def scan_fwd_kernel(
             z = z.to(tl.float32)
             y *= z * tl.sigmoid(z)
         tl.store(y_ptr + (b * E + e[:, None]) * L + t[None, :], y, mask=mask)
-    tl.store(last_ptr + (b * E + e[:, None]) * N + cols[None, :], state, mask=row_ok[:, None] & (cols[None, :] < N))
 
 
 @triton.jit
@@ -159,7 +163,7 @@ def scan_bwd_kernel(
         y = tl.zeros((BLOCK_E, CHUNK), tl.float32)  # scan output, for dz
         grad_dtu = tl.zeros((BLOCK_E, CHUNK), tl.float32)  # dLoss/d(dt_t u_t)
         grad_dt = tl.zeros((BLOCK_E, CHUNK), tl.float32)  # dLoss/d dt_t through the decays
-        h0_base = states_ptr + ((b * chunks + chunk) * E + e) * N
+        h0_base = states_ptr + ((b * (chunks + 1) + chunk) * E + e) * N
         for n in range(0, N):
             A_n = tl.load(A_ptr + e * N + n, mask=row_ok, other=0.0).to(tl.float32)
             B_n = tl.load(B_base + n * s_Bn + t * s_Bt, mask=t_ok, other=0.0).to(tl.float32)

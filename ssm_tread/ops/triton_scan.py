@@ -7,7 +7,9 @@ over the chunk's [BLOCK_E, CHUNK] tile is one associative scan of the affine map
     forward     h_t = a_t h_{t-1} + dt_t B_t u_t            a_t = exp(dt_t A)
     backward    w_t = C_t dy_t + a_{t+1} w_{t+1}            w_t = dLoss/dh_t (a reverse scan)
 
-The forward saves only the state entering each chunk ([b, chunks, E, N] float32); the backward walks
+The state passes from chunk to chunk through memory: each chunk's scans write the state leaving it
+into ``states`` [b, chunks + 1, E, N] (float32; the last entry is the last state), which the next
+chunk reads, so no state column is ever picked out of a register tile. The backward walks
 the chunks in reverse, recomputes the chunk's states from that saved state, and uses
 a_t h_{t-1} = h_t - dt_t B_t u_t, so no state is ever divided by a decay. Sums over batch (A, D,
 delta_bias) and over channels (B, C) are written per program and summed afterwards: deterministic.
@@ -28,7 +30,9 @@ import torch
 
 CHUNK = 32  # steps per chunk: the length of one in-register scan
 BLOCK_E = 16  # channels per program
-LAUNCH_OPTIONS = dict(num_warps=8)  # [16, 32] tiles, 2 elements a thread: no spills in triton 3.6 or 3.8
+# warps per program: 4 for the forward (4 elements a thread), 8 for the backward (2 elements a thread:
+# at 4, triton 3.6 spills registers); tools/bench/kernels.py compiles both and reports spills
+FORWARD_OPTIONS, BACKWARD_OPTIONS = dict(num_warps=4), dict(num_warps=8)
 SIZE_ARGS = 23  # both kernels end with E, N, L, the three group sizes and the 17 strides of u, delta, z, B, C
 
 
@@ -89,16 +93,18 @@ def _strides(*tensors):
 
 
 class Launch(NamedTuple):
-    """One kernel launch: ``kernel[grid](*args, **LAUNCH_OPTIONS, **constants)``."""
+    """One kernel launch: ``kernel[grid](*args, **options, **constants)``."""
 
     grid: tuple[int, int, int]
     args: tuple
     constants: dict
+    options: dict
 
 
 def forward_launch(u, delta, A, B, C, D, z, delta_bias, softplus, chunk=None, block_e=None):
     """The forward kernel's launch and its outputs: y [b, E, L] in u's dtype, the state entering each
-    chunk [b, chunks, E, N] and the last state [b, E, N] (float32). B, C are [b, G, N, L]."""
+    chunk and the one after the last, [b, chunks + 1, E, N], and the last state, a view of it [b, E, N]
+    (float32). B, C are [b, G, N, L]."""
     chunk, block_e = chunk or CHUNK, block_e or BLOCK_E
     batch, channels, length = u.shape
     state = A.shape[1]
@@ -106,18 +112,18 @@ def forward_launch(u, delta, A, B, C, D, z, delta_bias, softplus, chunk=None, bl
     per_group = channels // groups
     config = launch_config(per_group, state, block_e, chunk)
     y = torch.empty_like(u, memory_format=torch.contiguous_format)
-    states = u.new_empty(batch, -(-length // chunk), channels, state, dtype=torch.float32)
-    last = u.new_empty(batch, channels, state, dtype=torch.float32)
+    states = u.new_empty(batch, -(-length // chunk) + 1, channels, state, dtype=torch.float32)
+    last = states[:, -1]
     zz = z if z is not None else u  # absent tensors: any pointer, never read
     args = (
         u, delta, A, B, C, D if D is not None else A, zz, delta_bias if delta_bias is not None else A,
-        y, states, last,
+        y, states,
         channels, state, length, per_group, groups // B.shape[1], groups // C.shape[1],
         *_strides(u, delta, zz, B, C),
     )
     flags = dict(HAS_D=D is not None, HAS_Z=z is not None, HAS_BIAS=delta_bias is not None, SOFTPLUS=softplus)
     grid = (batch, groups, -(-per_group // config["BLOCK_E"]))
-    return Launch(grid, args, {**flags, **config}), (y, states, last)
+    return Launch(grid, args, {**flags, **config}, FORWARD_OPTIONS), (y, states, last)
 
 
 def backward_launch(forward: Launch, u, delta, A, B, C, D, z, delta_bias, states, grad_y, grad_last):
@@ -147,7 +153,8 @@ def backward_launch(forward: Launch, u, delta, A, B, C, D, z, delta_bias, states
         grads["B"], grads["C"],
         *forward.args[-SIZE_ARGS:],
     )
-    return Launch(forward.grid, args, {**forward.constants, "HAS_DLAST": grad_last is not None}), grads
+    constants = {**forward.constants, "HAS_DLAST": grad_last is not None}
+    return Launch(forward.grid, args, constants, BACKWARD_OPTIONS), grads
 
 
 class _TritonScan(torch.autograd.Function):
@@ -158,7 +165,7 @@ class _TritonScan(torch.autograd.Function):
         scan_fwd, _ = scan_kernels()
         A = A.contiguous()
         launch, (y, states, last) = forward_launch(u, delta, A, B, C, D, z, delta_bias, softplus, chunk, block_e)
-        scan_fwd[launch.grid](*launch.args, **LAUNCH_OPTIONS, **launch.constants)
+        scan_fwd[launch.grid](*launch.args, **launch.options, **launch.constants)
         ctx.save_for_backward(u, delta, A, B, C, D, z, delta_bias, states)
         ctx.launch = launch._replace(args=launch.args[-SIZE_ARGS:])  # no reference to y
         ctx.set_materialize_grads(False)
@@ -175,7 +182,7 @@ class _TritonScan(torch.autograd.Function):
         grad_y = grad_y.contiguous()
         grad_last = grad_last.contiguous() if grad_last is not None else None
         launch, grads = backward_launch(ctx.launch, u, delta, A, B, C, D, z, delta_bias, states, grad_y, grad_last)
-        scan_bwd[launch.grid](*launch.args, **LAUNCH_OPTIONS, **launch.constants)
+        scan_bwd[launch.grid](*launch.args, **launch.options, **launch.constants)
 
         def coarse(grad, like):  # [b, G, blocks, N, L] -> like's [b, G_like, N, L], summing channel blocks
             grad = grad.sum(2).view(batch, like.shape[1], groups // like.shape[1], *grad.shape[-2:]).sum(2)

@@ -216,7 +216,7 @@ def estimate(kernel, launch, compiled, registers: int, length: int) -> dict:
         for loop in loops:
             total += loop[kind] * math.prod(trips[:loop["depth"]])
         per_program[kind] = total
-    warps = launch.constants.get("num_warps", triton_scan.LAUNCH_OPTIONS["num_warps"])
+    warps = launch.options["num_warps"]
     programs = math.prod(launch.grid)
     resident = occupancy(registers, compiled.metadata.shared, warps)
     waves = math.ceil(programs / (SMS * resident))
@@ -244,7 +244,7 @@ def compile_one(kernel, launch, arch: int) -> tuple:
     from triton.compiler import ASTSource
 
     signature, constants, attrs = specialise(kernel, launch)
-    return compile_with_usage(ASTSource(kernel, signature, constants, attrs), arch, triton_scan.LAUNCH_OPTIONS)
+    return compile_with_usage(ASTSource(kernel, signature, constants, attrs), arch, launch.options)
 
 
 def layer_estimate(layer, dtype: torch.dtype, direction: str, batch: int = BATCH) -> dict:
@@ -267,12 +267,12 @@ def compile_kernels(arch: int, progress=print) -> list[dict]:
             for label, channels, length in LAYERS for dtype in (torch.float32, torch.bfloat16)]
     runs.append(("bare scan (no D, z, delta_bias, softplus; last-state gradient) E=2048 L=366, fp32", 366,
                  scan_launches(2048, 366, torch.float32, mixer=False, batch=BATCH, device="meta")))
-    options = " ".join(f"{k}={v}" for k, v in triton_scan.LAUNCH_OPTIONS.items())
     results = []
     for label, length, launches in runs:
         for kernel, launch in launches:
             compiled, registers, spills = compile_one(kernel, launch, arch)
             blocks = " ".join(f"{k}={launch.constants[k]}" for k in ("BLOCK_E", "CHUNK") if k in launch.constants)
+            options = " ".join(f"{k}={v}" for k, v in launch.options.items())
             result = dict(kernel=kernel.fn.__name__, config=f"{label}, {blocks}, {options}", registers=registers,
                           spills=spills, shared=compiled.metadata.shared)
             result.update(estimate(kernel, launch, compiled, registers, length) if arch == 90 else
