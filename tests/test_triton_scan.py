@@ -35,6 +35,7 @@ def interpreter(monkeypatch):
     monkeypatch.delenv(scan_module.ENV_VAR, raising=False)
     monkeypatch.setattr(triton_scan, "CHUNK", CHUNK)
     monkeypatch.setattr(triton_scan, "BLOCK_E", BLOCK_E)
+    monkeypatch.setattr(triton_scan, "BACKWARD_BLOCK_E", BLOCK_E)
 
 
 def loop_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False):

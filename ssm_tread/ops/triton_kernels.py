@@ -5,6 +5,8 @@ the algorithm. Tensors are indexed [batch, channel, time] through strides; chann
 import triton
 import triton.language as tl
 
+LOG2_E = tl.constexpr(1.4426950408889634)  # exp(x) = exp2(x log2 e): one MUFU.EX2, no range fix-up
+
 
 @triton.jit
 def affine(a1, b1, a2, b2):
@@ -13,9 +15,16 @@ def affine(a1, b1, a2, b2):
 
 
 @triton.jit
-def column(tile, cols, n):
-    """tile[:, n] of a [BLOCK_E, BLOCK_N] tile."""
-    return tl.sum(tl.where(cols[None, :] == n, tile, 0.0), axis=1)
+def affine_reversed(a1, b1, i1, a2, b2, i2):
+    # for a reverse scan: the map of the earlier of two adjacent segments (first step i) applied after
+    # the later one's, x -> a_early (a_late x + b_late) + b_early. Which argument is the earlier is read
+    # from the steps, as the order associative_scan(reverse=True) passes them in differs across Triton
+    # releases (triton#4362)
+    first = i1 < i2
+    a_early = tl.where(first, a1, a2)
+    b_early = tl.where(first, b1, b2)
+    b_late = tl.where(first, b2, b1)
+    return a1 * a2, a_early * b_late + b_early, tl.minimum(i1, i2)
 
 
 @triton.jit
@@ -92,16 +101,14 @@ def scan_fwd_kernel(
         y = tl.zeros((BLOCK_E, CHUNK), tl.float32)
         for n in range(0, N):
             A_n = tl.load(A_ptr + e * N + n, mask=row_ok, other=0.0).to(tl.float32)
-            B_n = tl.load(B_base + n * s_Bn + t * s_Bt, mask=t_ok, other=0.0).to(tl.float32)
-            C_n = tl.load(C_base + n * s_Cn + t * s_Ct, mask=t_ok, other=0.0).to(tl.float32)
+            B_n = tl.load(B_base + n * s_Bn + t * s_Bt).to(tl.float32)  # rows padded with zeros to whole chunks
+            C_n = tl.load(C_base + n * s_Cn + t * s_Ct).to(tl.float32)
             h0 = tl.load(h0_ptrs + n, mask=row_ok, other=0.0)
-            a = tl.exp(dt * A_n[:, None])
+            a = tl.exp2(dt * (A_n * LOG2_E)[:, None])
             bu = dtu * B_n[None, :] + tl.where(steps[None, :] == 0, a * h0[:, None], 0.0)
             _, h = tl.associative_scan((a, bu), 1, affine)
             y += h * C_n[None, :]
-            # addresses run along the steps like the tile's other accesses; only the last column's is real
-            tl.store(h0_ptrs[:, None] + E * N + n + (steps[None, :] - (CHUNK - 1)), h,
-                     mask=row_ok[:, None] & (steps[None, :] == CHUNK - 1))
+            tl.store(h0_ptrs + E * N + n, tl.sum(tl.where(steps[None, :] == CHUNK - 1, h, 0.0), axis=1), mask=row_ok)
         tl.debug_barrier()  # the states just written are read by other threads in the next chunk
         if HAS_D:
             y += D[:, None] * u
@@ -115,7 +122,7 @@ def scan_fwd_kernel(
 @triton.jit
 def scan_bwd_kernel(
     u_ptr, delta_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr, states_ptr,  # forward inputs, states
-    dy_ptr, dlast_ptr,  # incoming gradients: y [b, E, L] (contiguous), last state [b, E, N] float32
+    dy_ptr, carry_ptr,  # dLoss/dy [b, E, L] (contiguous); [2, b, E, N] float32, [0] = dLoss/d(last state)
     du_ptr, ddelta_ptr, dz_ptr,  # [b, E, L] in the inputs' dtypes
     dA_ptr, dD_ptr, dbias_ptr,  # per batch element: [b, E, N], [b, E], [b, E] float32
     dB_ptr, dC_ptr,  # per channel block: [b, G, blocks, N, L] float32
@@ -123,7 +130,7 @@ def scan_bwd_kernel(
     s_ub, s_ue, s_ut, s_db, s_de, s_dt, s_zb, s_ze, s_zt,
     s_Bb, s_Bg, s_Bn, s_Bt, s_Cb, s_Cg, s_Cn, s_Ct,
     HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr,
-    HAS_DLAST: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_N: tl.constexpr, CHUNK: tl.constexpr,
+    BLOCK_E: tl.constexpr, BLOCK_N: tl.constexpr, CHUNK: tl.constexpr,
 ):
     b = tl.program_id(0)
     g = tl.program_id(1)
@@ -131,20 +138,16 @@ def scan_bwd_kernel(
     rows = block * BLOCK_E + tl.arange(0, BLOCK_E)
     row_ok = rows < channels_per_group
     e = g * channels_per_group + rows
-    cols = tl.arange(0, BLOCK_N)
     steps = tl.arange(0, CHUNK)
-    state_mask = row_ok[:, None] & (cols[None, :] < N)
     bias = tl.load(bias_ptr + e, mask=row_ok, other=0.0).to(tl.float32) if HAS_BIAS else None
     D = tl.load(D_ptr + e, mask=row_ok, other=0.0).to(tl.float32) if HAS_D else None
     B_base = B_ptr + b * s_Bb + (g // B_groups_div) * s_Bg
     C_base = C_ptr + b * s_Cb + (g // C_groups_div) * s_Cg
     partial = ((b * tl.num_programs(1) + g) * tl.num_programs(2) + block) * N  # row of dB, dC for n = 0
     chunks = tl.cdiv(L, CHUNK)
-    # carry[:, n] = a_{t0} w_{t0} of the chunk after (t0 its first step): dLoss/dh at this chunk's end
-    carry = tl.zeros((BLOCK_E, BLOCK_N), tl.float32)
-    if HAS_DLAST:
-        carry = tl.load(dlast_ptr + (b * E + e[:, None]) * N + cols[None, :], mask=state_mask, other=0.0)
-    grad_A = tl.zeros((BLOCK_E, BLOCK_N), tl.float32)
+    # the carry a_{t0} w_{t0} of the chunk after (t0 its first step), dLoss/dh at this chunk's end, is
+    # read from one half of carry_ptr and this chunk's written to the other
+    step_index = tl.broadcast_to(steps[None, :], (BLOCK_E, CHUNK))
     grad_D = tl.zeros((BLOCK_E,), tl.float32)
     grad_bias = tl.zeros((BLOCK_E,), tl.float32)
     for i in range(0, chunks):
@@ -164,32 +167,34 @@ def scan_bwd_kernel(
         grad_dtu = tl.zeros((BLOCK_E, CHUNK), tl.float32)  # dLoss/d(dt_t u_t)
         grad_dt = tl.zeros((BLOCK_E, CHUNK), tl.float32)  # dLoss/d dt_t through the decays
         h0_base = states_ptr + ((b * (chunks + 1) + chunk) * E + e) * N
+        carry_in = carry_ptr + ((i % 2) * tl.num_programs(0) * E + b * E + e) * N  # [BLOCK_E], state 0
+        carry_out = carry_ptr + (((i + 1) % 2) * tl.num_programs(0) * E + b * E + e) * N
         for n in range(0, N):
             A_n = tl.load(A_ptr + e * N + n, mask=row_ok, other=0.0).to(tl.float32)
-            B_n = tl.load(B_base + n * s_Bn + t * s_Bt, mask=t_ok, other=0.0).to(tl.float32)
-            C_n = tl.load(C_base + n * s_Cn + t * s_Ct, mask=t_ok, other=0.0).to(tl.float32)
+            B_n = tl.load(B_base + n * s_Bn + t * s_Bt).to(tl.float32)  # rows padded with zeros to whole chunks
+            C_n = tl.load(C_base + n * s_Cn + t * s_Ct).to(tl.float32)
             h0 = tl.load(h0_base + n, mask=row_ok, other=0.0)
-            a = tl.exp(dt * A_n[:, None])
+            a = tl.exp2(dt * (A_n * LOG2_E)[:, None])
             bu = dtu * B_n[None, :]
             _, h = tl.associative_scan((a, bu + tl.where(steps[None, :] == 0, a * h0[:, None], 0.0)), 1, affine)
             y += h * C_n[None, :]
             # w_t = C_t dy_t + a_{t+1} w_{t+1}; past the chunk's end, a_{t+1} w_{t+1} is the carry
             c = dy_scan * C_n[None, :]
-            c += tl.where(steps[None, :] == CHUNK - 1, column(carry, cols, n)[:, None], 0.0)
-            # a reverse scan as flip(scan(flip)): the order in which associative_scan(reverse=True) passes
-            # a non-commutative combine's arguments has changed across Triton releases (triton#4362)
-            _, w = tl.associative_scan((tl.flip(tl.exp(dt_next * A_n[:, None]), 1), tl.flip(c, 1)), 1, affine)
-            w = tl.flip(w, 1)
+            carry = tl.load(carry_in + n, mask=row_ok, other=0.0)
+            c += tl.where(steps[None, :] == CHUNK - 1, carry[:, None], 0.0)
+            a_next = tl.exp2(dt_next * (A_n * LOG2_E)[:, None])
+            w = tl.associative_scan((a_next, c, step_index), 1, affine_reversed, reverse=True)[1]
             grad_dtu += w * B_n[None, :]
             q = w * (h - bu)  # w_t a_t h_{t-1} = dLoss/d(dt_t A)
             grad_dt += q * A_n[:, None]
-            grad_A = tl.where(cols[None, :] == n, grad_A + tl.sum(q * dt, axis=1)[:, None], grad_A)
+            # dA [b, E, N] (zeros on entry) is this program's alone: its adds come in chunk order
+            tl.atomic_add(dA_ptr + (b * E + e) * N + n, tl.sum(q * dt, axis=1), mask=row_ok)
             grad_B_n = tl.sum(w * dtu, axis=0)  # rows past the group have dtu = dy_scan = 0
             grad_C_n = tl.sum(h * dy_scan, axis=0)
             tl.store(dB_ptr + (partial + n) * L + t, grad_B_n, mask=t_ok)
             tl.store(dC_ptr + (partial + n) * L + t, grad_C_n, mask=t_ok)
-            w0 = tl.sum(tl.where(steps[None, :] == 0, a * w, 0.0), axis=1)
-            carry = tl.where(cols[None, :] == n, w0[:, None], carry)
+            tl.store(carry_out + n, tl.sum(tl.where(steps[None, :] == 0, a * w, 0.0), axis=1), mask=row_ok)
+        tl.debug_barrier()  # the carries just written are read by other threads in the next chunk
         # the inputs that the state loop did not need, loaded again rather than kept in registers
         u = tl.load(u_offs, mask=mask, other=0.0).to(tl.float32)
         _, raw = load_dt(delta_ptr + b * s_db, bias, offs, mask, HAS_BIAS, SOFTPLUS)
@@ -212,7 +217,6 @@ def scan_bwd_kernel(
         grad_bias += tl.sum(grad_dt, axis=1)
         tl.store(du_ptr + (b * E + e[:, None]) * L + t[None, :], grad_u, mask=mask)
         tl.store(ddelta_ptr + (b * E + e[:, None]) * L + t[None, :], grad_dt, mask=mask)
-    tl.store(dA_ptr + (b * E + e[:, None]) * N + cols[None, :], grad_A, mask=state_mask)
     if HAS_D:
         tl.store(dD_ptr + b * E + e, grad_D, mask=row_ok)
     if HAS_BIAS:

@@ -9,10 +9,17 @@ over the chunk's [BLOCK_E, CHUNK] tile is one associative scan of the affine map
 
 The state passes from chunk to chunk through memory: each chunk's scans write the state leaving it
 into ``states`` [b, chunks + 1, E, N] (float32; the last entry is the last state), which the next
-chunk reads, so no state column is ever picked out of a register tile. The backward walks
-the chunks in reverse, recomputes the chunk's states from that saved state, and uses
-a_t h_{t-1} = h_t - dt_t B_t u_t, so no state is ever divided by a decay. Sums over batch (A, D,
-delta_bias) and over channels (B, C) are written per program and summed afterwards: deterministic.
+chunk reads, so no state column is ever picked out of a register tile. The backward walks the
+chunks in reverse, recomputes the chunk's states from that saved state, passes dLoss/dh back through
+a small carry buffer the same way, and uses a_t h_{t-1} = h_t - dt_t B_t u_t, so no state is ever
+divided by a decay. Sums over batch (A, D, delta_bias) and over channels (B, C) are written per
+program and summed afterwards, and dA's per-program adds come in chunk order: deterministic.
+
+Layout, which decides the speed (tools/bench/kernels.py): Triton gives each thread consecutive time
+steps (an in-thread scan, then few shuffles) only when it can prove the rows aligned and
+contiguous. So u (and in the backward dt and z, which the mixer passes along channels) are copied
+to rows padded to a multiple of 16 steps where they are not, and B, C to whole chunks with zeros,
+so that every step loads them unmasked.
 
 Triton kernels run on CUDA tensors, and on CPU tensors when ``TRITON_INTERPRET=1`` was set before
 triton was imported (triton's own library functions are defined at its import): how the tests run them.
@@ -28,11 +35,12 @@ from typing import NamedTuple
 
 import torch
 
-CHUNK = 32  # steps per chunk: the length of one in-register scan
-BLOCK_E = 16  # channels per program
-# warps per program: 4 for the forward (4 elements a thread), 8 for the backward (2 elements a thread:
-# at 4, triton 3.6 spills registers); tools/bench/kernels.py compiles both and reports spills
-FORWARD_OPTIONS, BACKWARD_OPTIONS = dict(num_warps=4), dict(num_warps=8)
+CHUNK = 64  # steps per chunk: the length of one in-register scan (forward and backward)
+BLOCK_E = 16  # channels per program of the forward
+BACKWARD_BLOCK_E = 4  # and of the backward, which holds more tiles
+# warps per program; these sizes give the lowest estimate of tools/bench/kernels.py's cost model without
+# spilling registers (triton 3.6 and 3.8)
+FORWARD_OPTIONS, BACKWARD_OPTIONS = dict(num_warps=4), dict(num_warps=2)
 SIZE_ARGS = 23  # both kernels end with E, N, L, the three group sizes and the 17 strides of u, delta, z, B, C
 
 
@@ -88,17 +96,47 @@ def next_power_of_2(n: int) -> int:
     return 1 << max(n - 1, 0).bit_length()
 
 
+def aligned_rows(x: torch.Tensor) -> torch.Tensor:
+    """x, or where its rows along time do not start at multiples of 16 elements (L = 366, routed
+    lengths) a copy that does: a view of [..., L rounded up to 16]. Triton vectorises the row loads
+    only when it knows them aligned, and the tile's layout (time steps per thread) follows them."""
+    if x.stride(-1) == 1 and all(stride % 16 == 0 for stride in x.stride()[:-1]):
+        return x
+    padded = x.new_empty(*x.shape[:-1], -(-x.shape[-1] // 16) * 16)[..., : x.shape[-1]]
+    return padded.copy_(x)
+
+
 def _strides(*tensors):
     return [s for t in tensors for s in t.stride()]
 
 
 class Launch(NamedTuple):
-    """One kernel launch: ``kernel[grid](*args, **options, **constants)``."""
+    """One kernel launch: ``kernel[grid](*args, **options, **constants)``, after copies that moved
+    ``copied_bytes`` (read and written) to align rows."""
 
     grid: tuple[int, int, int]
     args: tuple
     constants: dict
     options: dict
+    copied_bytes: int = 0
+
+
+def chunk_padded(x: torch.Tensor, chunk: int) -> torch.Tensor:
+    """B or C [b, G, N, L] as a contiguous copy with zeros up to a whole number of chunks (and of 16
+    steps): the kernels load their rows unmasked and vectorised."""
+    padded = x.new_zeros(*x.shape[:-1], -(-x.shape[-1] // max(chunk, 16)) * max(chunk, 16))
+    padded[..., : x.shape[-1]] = x
+    return padded
+
+
+def _align(chunk, B, C, *rows):
+    """(B and C padded to whole chunks, then each of ``rows`` with aligned rows; bytes the copies read
+    and wrote)."""
+    tensors = (B, C, *rows)
+    aligned = (chunk_padded(B, chunk), chunk_padded(C, chunk), *(aligned_rows(x) for x in rows))
+    copied = sum(x.numel() * x.element_size() + y.numel() * y.element_size()
+                 for x, y in zip(tensors, aligned) if x is not y)
+    return aligned, copied
 
 
 def forward_launch(u, delta, A, B, C, D, z, delta_bias, softplus, chunk=None, block_e=None):
@@ -106,6 +144,7 @@ def forward_launch(u, delta, A, B, C, D, z, delta_bias, softplus, chunk=None, bl
     chunk and the one after the last, [b, chunks + 1, E, N], and the last state, a view of it [b, E, N]
     (float32). B, C are [b, G, N, L]."""
     chunk, block_e = chunk or CHUNK, block_e or BLOCK_E
+    (B, C, u), copied = _align(chunk, B, C, u)
     batch, channels, length = u.shape
     state = A.shape[1]
     groups = math.lcm(B.shape[1], C.shape[1])
@@ -123,38 +162,47 @@ def forward_launch(u, delta, A, B, C, D, z, delta_bias, softplus, chunk=None, bl
     )
     flags = dict(HAS_D=D is not None, HAS_Z=z is not None, HAS_BIAS=delta_bias is not None, SOFTPLUS=softplus)
     grid = (batch, groups, -(-per_group // config["BLOCK_E"]))
-    return Launch(grid, args, {**flags, **config}, FORWARD_OPTIONS), (y, states, last)
+    return Launch(grid, args, {**flags, **config}, FORWARD_OPTIONS, copied), (y, states, last)
 
 
 def backward_launch(forward: Launch, u, delta, A, B, C, D, z, delta_bias, states, grad_y, grad_last):
     """The backward kernel's launch after ``forward``, and its outputs: gradients of u, delta, z
-    (their dtypes), per batch element of A, D, delta_bias, per channel block of B, C (float32)."""
+    (their dtypes), per batch element of A, D, delta_bias, per channel block of B, C (float32). Here dt
+    and z are copied to aligned rows too (the mixer passes them along channels): with both layouts in
+    the kernel, Triton laid the state loop's tiles along channels and its scans crossed warps."""
+    (B, C, u, delta, *z_), copied = _align(forward.constants["CHUNK"], B, C, u, delta, *([z] if z is not None else []))
+    zz = z_[0] if z is not None else u  # absent tensors: any pointer, never read
     batch, channels, length = u.shape
     state = A.shape[1]
-    _, groups, blocks = forward.grid
+    groups = forward.grid[1]
+    per_group = channels // groups
+    config = launch_config(per_group, state, BACKWARD_BLOCK_E, forward.constants["CHUNK"])
+    blocks = -(-per_group // config["BLOCK_E"])
     f32 = dict(dtype=torch.float32, device=u.device)
+    carry = torch.zeros(2, batch, channels, state, **f32)  # the kernel's carries between chunks
+    if grad_last is not None:
+        carry[0] = grad_last
     grads = dict(
         u=torch.empty_like(grad_y),
         delta=torch.empty_like(grad_y, dtype=delta.dtype),
         z=torch.empty_like(grad_y, dtype=z.dtype) if z is not None else None,
-        A=torch.empty(batch, channels, state, **f32),
+        A=torch.zeros(batch, channels, state, **f32),
         D=torch.empty(batch, channels, **f32) if D is not None else None,
         delta_bias=torch.empty(batch, channels, **f32) if delta_bias is not None else None,
         B=torch.empty(batch, groups, blocks, state, length, **f32),
         C=torch.empty(batch, groups, blocks, state, length, **f32),
     )
-    zz = z if z is not None else u
     args = (
         u, delta, A, B, C, D if D is not None else A, zz, delta_bias if delta_bias is not None else A, states,
-        grad_y, grad_last if grad_last is not None else A,
+        grad_y, carry,
         grads["u"], grads["delta"], grads["z"] if z is not None else grads["u"],
         grads["A"], grads["D"] if D is not None else grads["A"],
         grads["delta_bias"] if delta_bias is not None else grads["A"],
         grads["B"], grads["C"],
-        *forward.args[-SIZE_ARGS:],
+        *forward.args[-SIZE_ARGS:-17], *_strides(u, delta, zz, B, C),
     )
-    constants = {**forward.constants, "HAS_DLAST": grad_last is not None}
-    return Launch(forward.grid, args, constants, BACKWARD_OPTIONS), grads
+    grid = (batch, groups, blocks)
+    return Launch(grid, args, {**forward.constants, **config}, BACKWARD_OPTIONS, copied), grads
 
 
 class _TritonScan(torch.autograd.Function):
@@ -199,7 +247,7 @@ class _TritonScan(torch.autograd.Function):
 
 def selective_scan_triton(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False):
     """y [b, E, L] in u's dtype and the last state [b, E, N] float32. B, C are [b, G, N, L]. The
-    module's CHUNK and BLOCK_E are read at each call (tests shrink them)."""
+    module's CHUNK, BLOCK_E and BACKWARD_BLOCK_E are read at each call (tests shrink them)."""
     if interpreted() and interpreter_problem():
         raise RuntimeError(interpreter_problem())
     return _TritonScan.apply(u, delta, A, B, C, D, z, delta_bias, delta_softplus, CHUNK, BLOCK_E)

@@ -221,7 +221,7 @@ def estimate(kernel, launch, compiled, registers: int, length: int) -> dict:
     resident = occupancy(registers, compiled.metadata.shared, warps)
     waves = math.ceil(programs / (SMS * resident))
     per_sm = {kind: waves * resident * warps * n for kind, n in per_program.items()}  # the busiest SM
-    bytes_ = tensor_bytes(launch)
+    bytes_ = tensor_bytes(launch) + launch.copied_bytes
     bounds = dict(
         issue=per_sm["all"] / (ISSUE * CLOCK),
         shared=(per_sm["shuffles"] + per_sm["shared"]) / (SHARED * CLOCK),
