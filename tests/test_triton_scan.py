@@ -122,6 +122,7 @@ def check(inputs, softplus=True, use_y=True, use_last=True, rtol=1e-4):
         (1, 6, 5, 13, None, None),  # L not a multiple of the chunk; 6 channels = a full and a partial block
         (2, 8, 3, 20, 2, 2),  # grouped B and C, more than two chunks
         (1, 4, 2, 11, 4, 1),  # B one group per channel, C shared
+        (2, 5, 3, 32, None, None),  # L a multiple of 16: u's rows used in place, not copied
     ],
 )
 def test_interpreted_triton_matches_loop(interpreter, batch, channels, state, length, b_groups, c_groups):

@@ -15,19 +15,6 @@ def affine(a1, b1, a2, b2):
 
 
 @triton.jit
-def affine_reversed(a1, b1, i1, a2, b2, i2):
-    # for a reverse scan: the map of the earlier of two adjacent segments (first step i) applied after
-    # the later one's, x -> a_early (a_late x + b_late) + b_early. Which argument is the earlier is read
-    # from the steps, as the order associative_scan(reverse=True) passes them in differs across Triton
-    # releases (triton#4362)
-    first = i1 < i2
-    a_early = tl.where(first, a1, a2)
-    b_early = tl.where(first, b1, b2)
-    b_late = tl.where(first, b2, b1)
-    return a1 * a2, a_early * b_late + b_early, tl.minimum(i1, i2)
-
-
-@triton.jit
 def softplus(x):
     """log(1 + e^x) to float32 precision at every x. log(1 + v) rounds 1 + v and so loses v's digits
     (all of them below x = -17); log(w) * v / (w - 1) with w = 1 + v cancels that rounding (Goldberg,
@@ -145,78 +132,89 @@ def scan_bwd_kernel(
     C_base = C_ptr + b * s_Cb + (g // C_groups_div) * s_Cg
     partial = ((b * tl.num_programs(1) + g) * tl.num_programs(2) + block) * N  # row of dB, dC for n = 0
     chunks = tl.cdiv(L, CHUNK)
-    # the carry a_{t0} w_{t0} of the chunk after (t0 its first step), dLoss/dh at this chunk's end, is
-    # read from one half of carry_ptr and this chunk's written to the other
-    step_index = tl.broadcast_to(steps[None, :], (BLOCK_E, CHUNK))
+    # The states h come from a scan forward in time, dLoss/dh = w from one backward in time. Rather than
+    # a reverse scan (which Triton lowers as flips, across lanes), everything but the forward scan is
+    # computed on tiles loaded in reverse time order, where w's scan runs forward too; one tl.gather
+    # turns a_t h_{t-1} around. The carry a_{t0} w_{t0} of the chunk after (t0 its first step), dLoss/dh
+    # at this chunk's end, is read from one half of carry_ptr and this chunk's written to the other.
+    reversed_steps = tl.broadcast_to(CHUNK - 1 - steps[None, :], (BLOCK_E, CHUNK))
     grad_D = tl.zeros((BLOCK_E,), tl.float32)
     grad_bias = tl.zeros((BLOCK_E,), tl.float32)
     for i in range(0, chunks):
         chunk = chunks - 1 - i
-        t = chunk * CHUNK + steps
+        t = chunk * CHUNK + steps  # time order, for the states' scan
         t_ok = t < L
         mask = row_ok[:, None] & t_ok[None, :]
-        next_ok = row_ok[:, None] & (t + 1 < L)[None, :]
-        offs = e[:, None] * s_de + t[None, :] * s_dt
-        dt, _ = load_dt(delta_ptr + b * s_db, bias, offs, mask, HAS_BIAS, SOFTPLUS)
-        dt_next, _ = load_dt(delta_ptr + b * s_db + s_dt, bias, offs, next_ok, HAS_BIAS, SOFTPLUS)
-        u_offs = u_ptr + b * s_ub + e[:, None] * s_ue + t[None, :] * s_ut
-        dtu = dt * tl.load(u_offs, mask=mask, other=0.0).to(tl.float32)
-        dy_scan = load_dy_scan(dy_ptr + (b * E + e[:, None]) * L + t[None, :],
-                               z_ptr + b * s_zb + e[:, None] * s_ze + t[None, :] * s_zt, mask, HAS_Z)
-        y = tl.zeros((BLOCK_E, CHUNK), tl.float32)  # scan output, for dz
-        grad_dtu = tl.zeros((BLOCK_E, CHUNK), tl.float32)  # dLoss/d(dt_t u_t)
-        grad_dt = tl.zeros((BLOCK_E, CHUNK), tl.float32)  # dLoss/d dt_t through the decays
+        dt, _ = load_dt(delta_ptr + b * s_db, bias, e[:, None] * s_de + t[None, :] * s_dt, mask, HAS_BIAS, SOFTPLUS)
+        dtu = dt * tl.load(u_ptr + b * s_ub + e[:, None] * s_ue + t[None, :] * s_ut, mask=mask, other=0.0).to(tl.float32)
+        dt_first = tl.sum(tl.where(steps[None, :] == 0, dt, 0.0), axis=1)  # [BLOCK_E] dt_{t0}
+        r = chunk * CHUNK + CHUNK - 1 - steps  # reverse time order, for everything else
+        r_ok = r < L
+        mask_r = row_ok[:, None] & r_ok[None, :]
+        offs_r = e[:, None] * s_de + r[None, :] * s_dt
+        dt_r, _ = load_dt(delta_ptr + b * s_db, bias, offs_r, mask_r, HAS_BIAS, SOFTPLUS)
+        dt_next_r, _ = load_dt(delta_ptr + b * s_db + s_dt, bias, offs_r, row_ok[:, None] & (r + 1 < L)[None, :],
+                               HAS_BIAS, SOFTPLUS)
+        u_offs_r = u_ptr + b * s_ub + e[:, None] * s_ue + r[None, :] * s_ut
+        dtu_r = dt_r * tl.load(u_offs_r, mask=mask_r, other=0.0).to(tl.float32)
+        dy_offs_r = (b * E + e[:, None]) * L + r[None, :]
+        z_offs_r = b * s_zb + e[:, None] * s_ze + r[None, :] * s_zt
+        dy_scan_r = load_dy_scan(dy_ptr + dy_offs_r, z_ptr + z_offs_r, mask_r, HAS_Z)
+        y_r = tl.zeros((BLOCK_E, CHUNK), tl.float32)  # scan output, for dz
+        grad_dtu_r = tl.zeros((BLOCK_E, CHUNK), tl.float32)  # dLoss/d(dt_t u_t)
+        grad_dt_r = tl.zeros((BLOCK_E, CHUNK), tl.float32)  # dLoss/d dt_t through the decays
         h0_base = states_ptr + ((b * (chunks + 1) + chunk) * E + e) * N
         carry_in = carry_ptr + ((i % 2) * tl.num_programs(0) * E + b * E + e) * N  # [BLOCK_E], state 0
         carry_out = carry_ptr + (((i + 1) % 2) * tl.num_programs(0) * E + b * E + e) * N
         for n in range(0, N):
             A_n = tl.load(A_ptr + e * N + n, mask=row_ok, other=0.0).to(tl.float32)
+            A2_n = A_n * LOG2_E
             B_n = tl.load(B_base + n * s_Bn + t * s_Bt).to(tl.float32)  # rows padded with zeros to whole chunks
-            C_n = tl.load(C_base + n * s_Cn + t * s_Ct).to(tl.float32)
+            B_r = tl.load(B_base + n * s_Bn + r * s_Bt).to(tl.float32)
+            C_r = tl.load(C_base + n * s_Cn + r * s_Ct).to(tl.float32)
             h0 = tl.load(h0_base + n, mask=row_ok, other=0.0)
-            a = tl.exp2(dt * (A_n * LOG2_E)[:, None])
+            a = tl.exp2(dt * A2_n[:, None])
             bu = dtu * B_n[None, :]
             _, h = tl.associative_scan((a, bu + tl.where(steps[None, :] == 0, a * h0[:, None], 0.0)), 1, affine)
-            y += h * C_n[None, :]
+            decayed_r = tl.gather(h - bu, reversed_steps, 1)  # a_t h_{t-1}, reverse time order
+            h_r = decayed_r + dtu_r * B_r[None, :]
+            y_r += h_r * C_r[None, :]
             # w_t = C_t dy_t + a_{t+1} w_{t+1}; past the chunk's end, a_{t+1} w_{t+1} is the carry
-            c = dy_scan * C_n[None, :]
             carry = tl.load(carry_in + n, mask=row_ok, other=0.0)
-            c += tl.where(steps[None, :] == CHUNK - 1, carry[:, None], 0.0)
-            a_next = tl.exp2(dt_next * (A_n * LOG2_E)[:, None])
-            w = tl.associative_scan((a_next, c, step_index), 1, affine_reversed, reverse=True)[1]
-            grad_dtu += w * B_n[None, :]
-            q = w * (h - bu)  # w_t a_t h_{t-1} = dLoss/d(dt_t A)
-            grad_dt += q * A_n[:, None]
+            c_r = dy_scan_r * C_r[None, :] + tl.where(steps[None, :] == 0, carry[:, None], 0.0)
+            _, w_r = tl.associative_scan((tl.exp2(dt_next_r * A2_n[:, None]), c_r), 1, affine)
+            grad_dtu_r += w_r * B_r[None, :]
+            q_r = w_r * decayed_r  # w_t a_t h_{t-1} = dLoss/d(dt_t A)
+            grad_dt_r += q_r * A_n[:, None]
             # dA [b, E, N] (zeros on entry) is this program's alone: its adds come in chunk order
-            tl.atomic_add(dA_ptr + (b * E + e) * N + n, tl.sum(q * dt, axis=1), mask=row_ok)
-            grad_B_n = tl.sum(w * dtu, axis=0)  # rows past the group have dtu = dy_scan = 0
-            grad_C_n = tl.sum(h * dy_scan, axis=0)
-            tl.store(dB_ptr + (partial + n) * L + t, grad_B_n, mask=t_ok)
-            tl.store(dC_ptr + (partial + n) * L + t, grad_C_n, mask=t_ok)
-            tl.store(carry_out + n, tl.sum(tl.where(steps[None, :] == 0, a * w, 0.0), axis=1), mask=row_ok)
+            tl.atomic_add(dA_ptr + (b * E + e) * N + n, tl.sum(q_r * dt_r, axis=1), mask=row_ok)
+            grad_B_n = tl.sum(w_r * dtu_r, axis=0)  # rows past the group have dtu = dy_scan = 0
+            grad_C_n = tl.sum(h_r * dy_scan_r, axis=0)
+            tl.store(dB_ptr + (partial + n) * L + r, grad_B_n, mask=r_ok)
+            tl.store(dC_ptr + (partial + n) * L + r, grad_C_n, mask=r_ok)
+            w_first = tl.sum(tl.where(steps[None, :] == CHUNK - 1, w_r, 0.0), axis=1)
+            tl.store(carry_out + n, tl.exp2(dt_first * A2_n) * w_first, mask=row_ok)
         tl.debug_barrier()  # the carries just written are read by other threads in the next chunk
         # the inputs that the state loop did not need, loaded again rather than kept in registers
-        u = tl.load(u_offs, mask=mask, other=0.0).to(tl.float32)
-        _, raw = load_dt(delta_ptr + b * s_db, bias, offs, mask, HAS_BIAS, SOFTPLUS)
-        grad_u = grad_dtu * dt
-        grad_dt += grad_dtu * u
+        u_r = tl.load(u_offs_r, mask=mask_r, other=0.0).to(tl.float32)
+        _, raw_r = load_dt(delta_ptr + b * s_db, bias, offs_r, mask_r, HAS_BIAS, SOFTPLUS)
+        grad_u = grad_dtu_r * dt_r
+        grad_dt_r += grad_dtu_r * u_r
         if HAS_D:
-            grad_u += dy_scan * D[:, None]
-            grad_D += tl.sum(dy_scan * u, axis=1)
-            y += D[:, None] * u
+            grad_u += dy_scan_r * D[:, None]
+            grad_D += tl.sum(dy_scan_r * u_r, axis=1)
+            y_r += D[:, None] * u_r
         if HAS_Z:
-            dy = tl.load(dy_ptr + (b * E + e[:, None]) * L + t[None, :], mask=mask, other=0.0).to(tl.float32)
-            z = tl.load(z_ptr + b * s_zb + e[:, None] * s_ze + t[None, :] * s_zt, mask=mask, other=0.0)
-            z = z.to(tl.float32)
+            dy = tl.load(dy_ptr + dy_offs_r, mask=mask_r, other=0.0).to(tl.float32)
+            z = tl.load(z_ptr + z_offs_r, mask=mask_r, other=0.0).to(tl.float32)
             gate = tl.sigmoid(z)
-            grad_z = dy * y * gate * (1.0 + z * (1.0 - gate))
-            tl.store(dz_ptr + (b * E + e[:, None]) * L + t[None, :], grad_z, mask=mask)
+            tl.store(dz_ptr + dy_offs_r, dy * y_r * gate * (1.0 + z * (1.0 - gate)), mask=mask_r)
         if SOFTPLUS:
-            grad_dt = tl.where(raw > 20.0, grad_dt, grad_dt * tl.sigmoid(raw))
-        grad_dt = tl.where(mask, grad_dt, 0.0)
-        grad_bias += tl.sum(grad_dt, axis=1)
-        tl.store(du_ptr + (b * E + e[:, None]) * L + t[None, :], grad_u, mask=mask)
-        tl.store(ddelta_ptr + (b * E + e[:, None]) * L + t[None, :], grad_dt, mask=mask)
+            grad_dt_r = tl.where(raw_r > 20.0, grad_dt_r, grad_dt_r * tl.sigmoid(raw_r))
+        grad_dt_r = tl.where(mask_r, grad_dt_r, 0.0)
+        grad_bias += tl.sum(grad_dt_r, axis=1)
+        tl.store(du_ptr + dy_offs_r, grad_u, mask=mask_r)
+        tl.store(ddelta_ptr + dy_offs_r, grad_dt_r, mask=mask_r)
     if HAS_D:
         tl.store(dD_ptr + b * E + e, grad_D, mask=row_ok)
     if HAS_BIAS:

@@ -35,12 +35,13 @@ from typing import NamedTuple
 
 import torch
 
-CHUNK = 64  # steps per chunk: the length of one in-register scan (forward and backward)
-BLOCK_E = 16  # channels per program of the forward
+CHUNK = 32  # steps per chunk: the length of one in-register scan (forward and backward)
+BLOCK_E = 32  # channels per program of the forward
 BACKWARD_BLOCK_E = 4  # and of the backward, which holds more tiles
-# warps per program; these sizes give the lowest estimate of tools/bench/kernels.py's cost model without
-# spilling registers (triton 3.6 and 3.8)
-FORWARD_OPTIONS, BACKWARD_OPTIONS = dict(num_warps=4), dict(num_warps=2)
+# warps per program, and a register cap that keeps the backward at <= 168 registers in triton 3.6 too
+# (3 warps a scheduler on an SM) without spilling: the lowest estimate of tools/bench/kernels.py's cost
+# model among the sizes tried, in triton 3.6 and 3.8
+FORWARD_OPTIONS, BACKWARD_OPTIONS = dict(num_warps=4), dict(num_warps=1, maxnreg=168)
 SIZE_ARGS = 23  # both kernels end with E, N, L, the three group sizes and the 17 strides of u, delta, z, B, C
 
 
