@@ -112,7 +112,7 @@ def scan_bwd_kernel(
     dy_ptr, carry_ptr,  # dLoss/dy [b, E, L] (contiguous); [2, b, E, N] float32, [0] = dLoss/d(last state)
     du_ptr, ddelta_ptr, dz_ptr,  # [b, E, L] in the inputs' dtypes
     dA_ptr, dD_ptr, dbias_ptr,  # per batch element: [b, E, N], [b, E], [b, E] float32
-    dB_ptr, dC_ptr,  # per channel block: [b, G, blocks, N, L] float32
+    dB_ptr, dC_ptr,  # [b, G, N, L] float32, zeros on entry: every channel block adds its sums
     E, N, L, channels_per_group, B_groups_div, C_groups_div,
     s_ub, s_ue, s_ut, s_db, s_de, s_dt, s_zb, s_ze, s_zt,
     s_Bb, s_Bg, s_Bn, s_Bt, s_Cb, s_Cg, s_Cn, s_Ct,
@@ -130,7 +130,7 @@ def scan_bwd_kernel(
     D = tl.load(D_ptr + e, mask=row_ok, other=0.0).to(tl.float32) if HAS_D else None
     B_base = B_ptr + b * s_Bb + (g // B_groups_div) * s_Bg
     C_base = C_ptr + b * s_Cb + (g // C_groups_div) * s_Cg
-    partial = ((b * tl.num_programs(1) + g) * tl.num_programs(2) + block) * N  # row of dB, dC for n = 0
+    grad_BC_row = (b * tl.num_programs(1) + g) * N  # row of dB, dC for n = 0
     chunks = tl.cdiv(L, CHUNK)
     # The states h come from a scan forward in time, dLoss/dh = w from one backward in time. Rather than
     # a reverse scan (which Triton lowers as flips, across lanes), everything but the forward scan is
@@ -190,8 +190,8 @@ def scan_bwd_kernel(
             tl.atomic_add(dA_ptr + (b * E + e) * N + n, tl.sum(q_r * dt_r, axis=1), mask=row_ok)
             grad_B_n = tl.sum(w_r * dtu_r, axis=0)  # rows past the group have dtu = dy_scan = 0
             grad_C_n = tl.sum(h_r * dy_scan_r, axis=0)
-            tl.store(dB_ptr + (partial + n) * L + r, grad_B_n, mask=r_ok)
-            tl.store(dC_ptr + (partial + n) * L + r, grad_C_n, mask=r_ok)
+            tl.atomic_add(dB_ptr + (grad_BC_row + n) * L + r, grad_B_n, mask=r_ok)
+            tl.atomic_add(dC_ptr + (grad_BC_row + n) * L + r, grad_C_n, mask=r_ok)
             w_first = tl.sum(tl.where(steps[None, :] == CHUNK - 1, w_r, 0.0), axis=1)
             tl.store(carry_out + n, tl.exp2(dt_first * A2_n) * w_first, mask=row_ok)
         tl.debug_barrier()  # the carries just written are read by other threads in the next chunk

@@ -12,8 +12,9 @@ into ``states`` [b, chunks + 1, E, N] (float32; the last entry is the last state
 chunk reads, so no state column is ever picked out of a register tile. The backward walks the
 chunks in reverse, recomputes the chunk's states from that saved state, passes dLoss/dh back through
 a small carry buffer the same way, and uses a_t h_{t-1} = h_t - dt_t B_t u_t, so no state is ever
-divided by a decay. Sums over batch (A, D, delta_bias) and over channels (B, C) are written per
-program and summed afterwards, and dA's per-program adds come in chunk order: deterministic.
+divided by a decay. Sums over batch (A, D, delta_bias) are written per program and summed afterwards,
+dA's per-program adds come in chunk order, and the channel blocks add their sums for B, C into one
+[b, G, N, L] buffer with atomics, in no set order (as mamba-ssm does).
 
 Layout, which decides the speed (tools/bench/kernels.py): Triton gives each thread consecutive time
 steps (an in-thread scan, then few shuffles) only when it can prove the rows aligned and
@@ -168,7 +169,7 @@ def forward_launch(u, delta, A, B, C, D, z, delta_bias, softplus, chunk=None, bl
 
 def backward_launch(forward: Launch, u, delta, A, B, C, D, z, delta_bias, states, grad_y, grad_last):
     """The backward kernel's launch after ``forward``, and its outputs: gradients of u, delta, z
-    (their dtypes), per batch element of A, D, delta_bias, per channel block of B, C (float32). Here dt
+    (their dtypes), per batch element of A, D, delta_bias, and of B, C per group (float32). Here dt
     and z are copied to aligned rows too (the mixer passes them along channels): with both layouts in
     the kernel, Triton laid the state loop's tiles along channels and its scans crossed warps."""
     (B, C, u, delta, *z_), copied = _align(forward.constants["CHUNK"], B, C, u, delta, *([z] if z is not None else []))
@@ -190,8 +191,8 @@ def backward_launch(forward: Launch, u, delta, A, B, C, D, z, delta_bias, states
         A=torch.zeros(batch, channels, state, **f32),
         D=torch.empty(batch, channels, **f32) if D is not None else None,
         delta_bias=torch.empty(batch, channels, **f32) if delta_bias is not None else None,
-        B=torch.empty(batch, groups, blocks, state, length, **f32),
-        C=torch.empty(batch, groups, blocks, state, length, **f32),
+        B=torch.zeros(batch, groups, state, length, **f32),
+        C=torch.zeros(batch, groups, state, length, **f32),
     )
     args = (
         u, delta, A, B, C, D if D is not None else A, zz, delta_bias if delta_bias is not None else A, states,
@@ -233,8 +234,8 @@ class _TritonScan(torch.autograd.Function):
         launch, grads = backward_launch(ctx.launch, u, delta, A, B, C, D, z, delta_bias, states, grad_y, grad_last)
         scan_bwd[launch.grid](*launch.args, **launch.options, **launch.constants)
 
-        def coarse(grad, like):  # [b, G, blocks, N, L] -> like's [b, G_like, N, L], summing channel blocks
-            grad = grad.sum(2).view(batch, like.shape[1], groups // like.shape[1], *grad.shape[-2:]).sum(2)
+        def coarse(grad, like):  # [b, G, N, L] -> like's [b, G_like, N, L]
+            grad = grad.view(batch, like.shape[1], groups // like.shape[1], *grad.shape[-2:]).sum(2)
             return grad.to(like.dtype)
 
         def over_batch(name, like):

@@ -13,7 +13,8 @@ LDSM, ATOMS), special-function ops (MUFU), global loads and stores. Loop depth d
 the kernel's d-th loop (:func:`loop_trips`: chunks of L, then states where N is a run-time loop) at the
 layer's shape, batch 32; straight-line code runs once per program. Per program and warp that gives the
 instructions issued, the shuffles plus shared-memory operations, and the HBM bytes are the kernel's
-tensor arguments, each read or written once. With an H200's
+tensor arguments, each read or written once, plus the copies made to align rows (the launch's
+``copied_bytes``). With an H200's
 
     SMS = 132, CLOCK = 1.98e9 Hz, ISSUE = 4 warp-instructions per SM per clock (4 schedulers),
     SHARED = 1 shuffle or shared-memory warp-operation per SM per clock, HBM = 4.8e12 bytes/s,
@@ -22,7 +23,7 @@ the estimate is the largest of: instructions / (SMS * ISSUE * CLOCK), shuffles a
 operations / (SMS * SHARED * CLOCK), bytes / HBM; the two issue bounds are scaled by the occupancy the
 registers allow: the grid runs in waves of SMS * (programs resident per SM) programs (65,536 registers
 and 64 warps per SM, allocated per warp in units of 256 registers; 228 KiB shared memory). The roofline
-is the same problem at the hardware's limits: the compulsory bytes, one exp per (element, state)
+is the same problem at the hardware's limits: the tensor arguments' bytes, one exp per (element, state)
 (MUFU: 16 per SM per clock) and FWD_FLOPS / BWD_FLOPS fp32 operations per (element, state) at 128 per
 SM per clock.
 
@@ -221,11 +222,11 @@ def estimate(kernel, launch, compiled, registers: int, length: int) -> dict:
     resident = occupancy(registers, compiled.metadata.shared, warps)
     waves = math.ceil(programs / (SMS * resident))
     per_sm = {kind: waves * resident * warps * n for kind, n in per_program.items()}  # the busiest SM
-    bytes_ = tensor_bytes(launch) + launch.copied_bytes
+    bytes_ = tensor_bytes(launch)
     bounds = dict(
         issue=per_sm["all"] / (ISSUE * CLOCK),
         shared=(per_sm["shuffles"] + per_sm["shared"]) / (SHARED * CLOCK),
-        hbm=bytes_ / HBM,
+        hbm=(bytes_ + launch.copied_bytes) / HBM,
     )
     batch, channels = launch.args[0].shape[:2]
     element_states = batch * channels * length * STATE
@@ -235,7 +236,7 @@ def estimate(kernel, launch, compiled, registers: int, length: int) -> dict:
     return dict(
         est_us=round(1e6 * max(bounds.values()), 1), roofline_us=round(1e6 * roofline, 1),
         bound=max(bounds, key=bounds.get), bounds_us={k: round(1e6 * v, 1) for k, v in bounds.items()},
-        programs_per_sm=resident, hbm_mb=round(bytes_ / 1e6, 1),
+        programs_per_sm=resident, hbm_mb=round((bytes_ + launch.copied_bytes) / 1e6, 1),
         loops=[dict(loop, trips=trips[loop["depth"] - 1]) for loop in loops],
     )
 
