@@ -5,7 +5,7 @@ L in chunks of ``CHUNK`` steps. Inside a chunk it loops over the N states; for s
 over the chunk's [BLOCK_E, CHUNK] tile is one associative scan of the affine maps h -> a_t h + b_t:
 
     forward     h_t = a_t h_{t-1} + dt_t B_t u_t            a_t = exp(dt_t A)
-    backward    w_t = C_t dy_t + a_{t+1} w_{t+1}            w_t = dLoss/dh_t (a reverse scan)
+    backward    w_t = C_t dy_t + a_{t+1} w_{t+1}            w_t = dLoss/dh_t (backward in time)
 
 The state passes from chunk to chunk through memory: each chunk's scans write the state leaving it
 into ``states`` [b, chunks + 1, E, N] (float32; the last entry is the last state), which the next
