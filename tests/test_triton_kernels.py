@@ -29,6 +29,34 @@ def test_kernels_compile_for_sm90_without_spills(tmp_path):
     ]
     assert sum("bf16" in r["config"] for r in results) == 4
     for r in results:
-        assert set(r) == {"kernel", "config", "registers", "spills", "shared"}
+        assert {"kernel", "config", "registers", "spills", "shared", "est_us", "roofline_us", "loops"} <= set(r)
         assert 0 < r["registers"] <= 255 and r["spills"] == 0, r
+        assert 0 < r["roofline_us"] <= r["est_us"], r
     assert "| scan_bwd_kernel |" in result.stdout
+
+
+SASS = """
+        /*0000*/                   S2R R0, SR_TID.X ;
+.L_x_2:
+        /*0010*/                   MUFU.EX2 R1, R2 ;
+.L_x_1:
+        /*0020*/                   SHFL.UP PT, R3, R1, 0x1, RZ ;
+        /*0030*/                   LDS R4, [R5] ;
+        /*0040*/               @P0 BRA `(.L_x_1) ;
+        /*0050*/                   BAR.SYNC.DEFER_BLOCKING 0x0 ;
+        /*0060*/              @!P1 BRA `(.L_x_2) ;
+        /*0070*/                   EXIT ;
+.L_x_3:
+        /*0080*/                   BRA `(.L_x_3);
+"""
+
+
+def test_sass_loops_counts_each_loops_own_instructions():
+    from tools.bench.kernels import sass_loops
+
+    straight, loops = sass_loops(SASS)
+    assert straight["all"] == 3  # S2R, EXIT and the trap's self-branch
+    by_depth = {loop["depth"]: loop for loop in loops}
+    assert sorted(by_depth) == [1, 2]
+    assert (by_depth[2]["all"], by_depth[2]["shuffles"], by_depth[2]["shared"]) == (3, 1, 1)
+    assert (by_depth[1]["all"], by_depth[1]["sfu"], by_depth[1]["barriers"]) == (3, 1, 1)

@@ -20,7 +20,8 @@
     python tools/benchmark.py study configs/study_digits.py --seeds 0 --backbones DiM
     python tools/benchmark.py study configs/study_digits.py --report-only
 
-    # compile every Triton kernel for sm_90 (no GPU needed): registers, spills, shared memory per config
+    # compile every Triton kernel for sm_90 (no GPU needed): registers, spills, shared memory per config,
+    # and the static SASS cost model: per-loop instruction counts, est_us and roofline_us on an H200, batch 32
     python tools/benchmark.py kernels --arch 90 --json docs/results/kernels_sm90.json
 
 A step config is a preset (dit-b2, zigma-s2, dim-s2, dit-tiny, zigma-tiny, dim-tiny) or key=value pairs:
@@ -241,7 +242,7 @@ def main(argv=None):
     s.add_argument("--plot-prefix", default="docs/figures/study_digits")
     s.set_defaults(run=study)
 
-    s = sub.add_parser("kernels", help="compile every Triton kernel for a GPU architecture: registers and spills")
+    s = sub.add_parser("kernels", help="compile every Triton kernel for a GPU architecture: registers, spills, estimated H200 time")
     s.add_argument("--arch", type=int, choices=[80, 90], required=True, help="compute capability: 80 (A100), 90 (H100)")
     s.add_argument("--json", default=None, help="also write the results as a JSON list")
     s.set_defaults(run=kernels)

@@ -5,6 +5,8 @@ the algorithm. Tensors are indexed [batch, channel, time] through strides; chann
 import triton
 import triton.language as tl
 
+LOG2_E = tl.constexpr(1.4426950408889634)  # exp(x) = exp2(x log2 e): one MUFU.EX2, no range fix-up
+
 
 @triton.jit
 def affine(a1, b1, a2, b2):
@@ -13,9 +15,15 @@ def affine(a1, b1, a2, b2):
 
 
 @triton.jit
-def column(tile, cols, n):
-    """tile[:, n] of a [BLOCK_E, BLOCK_N] tile."""
-    return tl.sum(tl.where(cols[None, :] == n, tile, 0.0), axis=1)
+def softplus(x):
+    """log(1 + e^x) to float32 precision at every x. log(1 + v) rounds 1 + v and so loses v's digits
+    (all of them below x = -17); log(w) * v / (w - 1) with w = 1 + v cancels that rounding (Goldberg,
+    "What every computer scientist should know about floating-point arithmetic", 1991)."""
+    v = tl.exp(tl.minimum(x, 20.0))
+    w = 1.0 + v
+    rounded = w - 1.0  # v as 1 + v kept it: 0 when v < 2^-24, where log(1 + v) = v
+    log1p = tl.where(rounded == 0.0, v, tl.log(w) * v / tl.where(rounded == 0.0, 1.0, rounded))
+    return tl.where(x > 20.0, x, log1p)
 
 
 @triton.jit
@@ -26,7 +34,7 @@ def load_dt(delta_ptr, bias, offs, mask, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.co
         raw += bias[:, None]
     dt = raw
     if SOFTPLUS:
-        dt = tl.where(raw > 20.0, raw, tl.log(1.0 + tl.exp(raw)))
+        dt = softplus(raw)
     return tl.where(mask, dt, 0.0), raw
 
 
@@ -43,7 +51,7 @@ def load_dy_scan(dy_ptrs, z_ptrs, mask, HAS_Z: tl.constexpr):
 @triton.jit
 def scan_fwd_kernel(
     u_ptr, delta_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr,  # inputs
-    y_ptr, states_ptr, last_ptr,  # outputs: y [b, E, L], states [b, chunks, E, N], last [b, E, N]
+    y_ptr, states_ptr,  # outputs: y [b, E, L], states [b, chunks + 1, E, N] (the last is the last state)
     E, N, L, channels_per_group, B_groups_div, C_groups_div,
     s_ub, s_ue, s_ut, s_db, s_de, s_dt, s_zb, s_ze, s_zt,
     s_Bb, s_Bg, s_Bn, s_Bt, s_Cb, s_Cg, s_Cn, s_Ct,
@@ -61,15 +69,18 @@ def scan_fwd_kernel(
     D = tl.load(D_ptr + e, mask=row_ok, other=0.0).to(tl.float32) if HAS_D else None
     B_base = B_ptr + b * s_Bb + (g // B_groups_div) * s_Bg
     C_base = C_ptr + b * s_Cb + (g // C_groups_div) * s_Cg
-    state = tl.zeros((BLOCK_E, BLOCK_N), tl.float32)  # h entering the chunk, all N states
-    for chunk in range(0, tl.cdiv(L, CHUNK)):
+    chunks = tl.cdiv(L, CHUNK)
+    # the state entering chunk c is states[b, c]: h = 0 before the first; each chunk's scan writes the
+    # state it leaves (its last column: steps past L are h -> h, as dt = 0 there) for the next to read
+    states_base = states_ptr + b * (chunks + 1) * E * N
+    tl.store(states_base + e[:, None] * N + cols[None, :], tl.zeros((BLOCK_E, BLOCK_N), tl.float32),
+             mask=row_ok[:, None] & (cols[None, :] < N))
+    tl.debug_barrier()
+    for chunk in range(0, chunks):
         t = chunk * CHUNK + steps
         t_ok = t < L
         mask = row_ok[:, None] & t_ok[None, :]
-        tl.store(
-            states_ptr + ((b * tl.cdiv(L, CHUNK) + chunk) * E + e[:, None]) * N + cols[None, :],
-            state, mask=row_ok[:, None] & (cols[None, :] < N),
-        )
+        h0_ptrs = states_base + (chunk * E + e) * N  # [BLOCK_E] pointers to state 0
         dt, _ = load_dt(delta_ptr + b * s_db, bias, e[:, None] * s_de + t[None, :] * s_dt, mask, HAS_BIAS,
                         SOFTPLUS)
         u = tl.load(u_ptr + b * s_ub + e[:, None] * s_ue + t[None, :] * s_ut, mask=mask, other=0.0).to(tl.float32)
@@ -77,15 +88,15 @@ def scan_fwd_kernel(
         y = tl.zeros((BLOCK_E, CHUNK), tl.float32)
         for n in range(0, N):
             A_n = tl.load(A_ptr + e * N + n, mask=row_ok, other=0.0).to(tl.float32)
-            B_n = tl.load(B_base + n * s_Bn + t * s_Bt, mask=t_ok, other=0.0).to(tl.float32)
-            C_n = tl.load(C_base + n * s_Cn + t * s_Ct, mask=t_ok, other=0.0).to(tl.float32)
-            a = tl.exp(dt * A_n[:, None])
-            bu = dtu * B_n[None, :]
-            bu += tl.where(steps[None, :] == 0, a * column(state, cols, n)[:, None], 0.0)
+            B_n = tl.load(B_base + n * s_Bn + t * s_Bt).to(tl.float32)  # rows padded with zeros to whole chunks
+            C_n = tl.load(C_base + n * s_Cn + t * s_Ct).to(tl.float32)
+            h0 = tl.load(h0_ptrs + n, mask=row_ok, other=0.0)
+            a = tl.exp2(dt * (A_n * LOG2_E)[:, None])
+            bu = dtu * B_n[None, :] + tl.where(steps[None, :] == 0, a * h0[:, None], 0.0)
             _, h = tl.associative_scan((a, bu), 1, affine)
             y += h * C_n[None, :]
-            h_end = tl.sum(tl.where(steps[None, :] == CHUNK - 1, h, 0.0), axis=1)
-            state = tl.where(cols[None, :] == n, h_end[:, None], state)
+            tl.store(h0_ptrs + E * N + n, tl.sum(tl.where(steps[None, :] == CHUNK - 1, h, 0.0), axis=1), mask=row_ok)
+        tl.debug_barrier()  # the states just written are read by other threads in the next chunk
         if HAS_D:
             y += D[:, None] * u
         if HAS_Z:
@@ -93,21 +104,20 @@ def scan_fwd_kernel(
             z = z.to(tl.float32)
             y *= z * tl.sigmoid(z)
         tl.store(y_ptr + (b * E + e[:, None]) * L + t[None, :], y, mask=mask)
-    tl.store(last_ptr + (b * E + e[:, None]) * N + cols[None, :], state, mask=row_ok[:, None] & (cols[None, :] < N))
 
 
 @triton.jit
 def scan_bwd_kernel(
     u_ptr, delta_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr, states_ptr,  # forward inputs, states
-    dy_ptr, dlast_ptr,  # incoming gradients: y [b, E, L] (contiguous), last state [b, E, N] float32
+    dy_ptr, carry_ptr,  # dLoss/dy [b, E, L] (contiguous); [2, b, E, N] float32, [0] = dLoss/d(last state)
     du_ptr, ddelta_ptr, dz_ptr,  # [b, E, L] in the inputs' dtypes
     dA_ptr, dD_ptr, dbias_ptr,  # per batch element: [b, E, N], [b, E], [b, E] float32
-    dB_ptr, dC_ptr,  # per channel block: [b, G, blocks, N, L] float32
+    dB_ptr, dC_ptr,  # [b, G, N, L] float32, zeros on entry: every channel block adds its sums
     E, N, L, channels_per_group, B_groups_div, C_groups_div,
     s_ub, s_ue, s_ut, s_db, s_de, s_dt, s_zb, s_ze, s_zt,
     s_Bb, s_Bg, s_Bn, s_Bt, s_Cb, s_Cg, s_Cn, s_Ct,
     HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr,
-    HAS_DLAST: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_N: tl.constexpr, CHUNK: tl.constexpr,
+    BLOCK_E: tl.constexpr, BLOCK_N: tl.constexpr, CHUNK: tl.constexpr,
 ):
     b = tl.program_id(0)
     g = tl.program_id(1)
@@ -115,88 +125,96 @@ def scan_bwd_kernel(
     rows = block * BLOCK_E + tl.arange(0, BLOCK_E)
     row_ok = rows < channels_per_group
     e = g * channels_per_group + rows
-    cols = tl.arange(0, BLOCK_N)
     steps = tl.arange(0, CHUNK)
-    state_mask = row_ok[:, None] & (cols[None, :] < N)
     bias = tl.load(bias_ptr + e, mask=row_ok, other=0.0).to(tl.float32) if HAS_BIAS else None
     D = tl.load(D_ptr + e, mask=row_ok, other=0.0).to(tl.float32) if HAS_D else None
     B_base = B_ptr + b * s_Bb + (g // B_groups_div) * s_Bg
     C_base = C_ptr + b * s_Cb + (g // C_groups_div) * s_Cg
-    partial = ((b * tl.num_programs(1) + g) * tl.num_programs(2) + block) * N  # row of dB, dC for n = 0
+    grad_BC_row = (b * tl.num_programs(1) + g) * N  # row of dB, dC for n = 0
     chunks = tl.cdiv(L, CHUNK)
-    # carry[:, n] = a_{t0} w_{t0} of the chunk after (t0 its first step): dLoss/dh at this chunk's end
-    carry = tl.zeros((BLOCK_E, BLOCK_N), tl.float32)
-    if HAS_DLAST:
-        carry = tl.load(dlast_ptr + (b * E + e[:, None]) * N + cols[None, :], mask=state_mask, other=0.0)
-    grad_A = tl.zeros((BLOCK_E, BLOCK_N), tl.float32)
+    # The states h come from a scan forward in time, dLoss/dh = w from one backward in time. Rather than
+    # a reverse scan (which Triton lowers as flips, across lanes), everything but the forward scan is
+    # computed on tiles loaded in reverse time order, where w's scan runs forward too; one tl.gather
+    # turns a_t h_{t-1} around. The carry a_{t0} w_{t0} of the chunk after (t0 its first step), dLoss/dh
+    # at this chunk's end, is read from one half of carry_ptr and this chunk's written to the other.
+    reversed_steps = tl.broadcast_to(CHUNK - 1 - steps[None, :], (BLOCK_E, CHUNK))
     grad_D = tl.zeros((BLOCK_E,), tl.float32)
     grad_bias = tl.zeros((BLOCK_E,), tl.float32)
     for i in range(0, chunks):
         chunk = chunks - 1 - i
-        t = chunk * CHUNK + steps
+        t = chunk * CHUNK + steps  # time order, for the states' scan
         t_ok = t < L
         mask = row_ok[:, None] & t_ok[None, :]
-        next_ok = row_ok[:, None] & (t + 1 < L)[None, :]
-        offs = e[:, None] * s_de + t[None, :] * s_dt
-        dt, _ = load_dt(delta_ptr + b * s_db, bias, offs, mask, HAS_BIAS, SOFTPLUS)
-        dt_next, _ = load_dt(delta_ptr + b * s_db + s_dt, bias, offs, next_ok, HAS_BIAS, SOFTPLUS)
-        u_offs = u_ptr + b * s_ub + e[:, None] * s_ue + t[None, :] * s_ut
-        dtu = dt * tl.load(u_offs, mask=mask, other=0.0).to(tl.float32)
-        dy_scan = load_dy_scan(dy_ptr + (b * E + e[:, None]) * L + t[None, :],
-                               z_ptr + b * s_zb + e[:, None] * s_ze + t[None, :] * s_zt, mask, HAS_Z)
-        y = tl.zeros((BLOCK_E, CHUNK), tl.float32)  # scan output, for dz
-        grad_dtu = tl.zeros((BLOCK_E, CHUNK), tl.float32)  # dLoss/d(dt_t u_t)
-        grad_dt = tl.zeros((BLOCK_E, CHUNK), tl.float32)  # dLoss/d dt_t through the decays
-        h0_base = states_ptr + ((b * chunks + chunk) * E + e) * N
+        dt, _ = load_dt(delta_ptr + b * s_db, bias, e[:, None] * s_de + t[None, :] * s_dt, mask, HAS_BIAS, SOFTPLUS)
+        dtu = dt * tl.load(u_ptr + b * s_ub + e[:, None] * s_ue + t[None, :] * s_ut, mask=mask, other=0.0).to(tl.float32)
+        dt_first = tl.sum(tl.where(steps[None, :] == 0, dt, 0.0), axis=1)  # [BLOCK_E] dt_{t0}
+        r = chunk * CHUNK + CHUNK - 1 - steps  # reverse time order, for everything else
+        r_ok = r < L
+        mask_r = row_ok[:, None] & r_ok[None, :]
+        offs_r = e[:, None] * s_de + r[None, :] * s_dt
+        dt_r, _ = load_dt(delta_ptr + b * s_db, bias, offs_r, mask_r, HAS_BIAS, SOFTPLUS)
+        dt_next_r, _ = load_dt(delta_ptr + b * s_db + s_dt, bias, offs_r, row_ok[:, None] & (r + 1 < L)[None, :],
+                               HAS_BIAS, SOFTPLUS)
+        u_offs_r = u_ptr + b * s_ub + e[:, None] * s_ue + r[None, :] * s_ut
+        dtu_r = dt_r * tl.load(u_offs_r, mask=mask_r, other=0.0).to(tl.float32)
+        dy_offs_r = (b * E + e[:, None]) * L + r[None, :]
+        z_offs_r = b * s_zb + e[:, None] * s_ze + r[None, :] * s_zt
+        dy_scan_r = load_dy_scan(dy_ptr + dy_offs_r, z_ptr + z_offs_r, mask_r, HAS_Z)
+        y_r = tl.zeros((BLOCK_E, CHUNK), tl.float32)  # scan output, for dz
+        grad_dtu_r = tl.zeros((BLOCK_E, CHUNK), tl.float32)  # dLoss/d(dt_t u_t)
+        grad_dt_r = tl.zeros((BLOCK_E, CHUNK), tl.float32)  # dLoss/d dt_t through the decays
+        h0_base = states_ptr + ((b * (chunks + 1) + chunk) * E + e) * N
+        carry_in = carry_ptr + ((i % 2) * tl.num_programs(0) * E + b * E + e) * N  # [BLOCK_E], state 0
+        carry_out = carry_ptr + (((i + 1) % 2) * tl.num_programs(0) * E + b * E + e) * N
         for n in range(0, N):
             A_n = tl.load(A_ptr + e * N + n, mask=row_ok, other=0.0).to(tl.float32)
-            B_n = tl.load(B_base + n * s_Bn + t * s_Bt, mask=t_ok, other=0.0).to(tl.float32)
-            C_n = tl.load(C_base + n * s_Cn + t * s_Ct, mask=t_ok, other=0.0).to(tl.float32)
+            A2_n = A_n * LOG2_E
+            B_n = tl.load(B_base + n * s_Bn + t * s_Bt).to(tl.float32)  # rows padded with zeros to whole chunks
+            B_r = tl.load(B_base + n * s_Bn + r * s_Bt).to(tl.float32)
+            C_r = tl.load(C_base + n * s_Cn + r * s_Ct).to(tl.float32)
             h0 = tl.load(h0_base + n, mask=row_ok, other=0.0)
-            a = tl.exp(dt * A_n[:, None])
+            a = tl.exp2(dt * A2_n[:, None])
             bu = dtu * B_n[None, :]
             _, h = tl.associative_scan((a, bu + tl.where(steps[None, :] == 0, a * h0[:, None], 0.0)), 1, affine)
-            y += h * C_n[None, :]
+            decayed_r = tl.gather(h - bu, reversed_steps, 1)  # a_t h_{t-1}, reverse time order
+            h_r = decayed_r + dtu_r * B_r[None, :]
+            y_r += h_r * C_r[None, :]
             # w_t = C_t dy_t + a_{t+1} w_{t+1}; past the chunk's end, a_{t+1} w_{t+1} is the carry
-            c = dy_scan * C_n[None, :]
-            c += tl.where(steps[None, :] == CHUNK - 1, column(carry, cols, n)[:, None], 0.0)
-            # a reverse scan as flip(scan(flip)): the order in which associative_scan(reverse=True) passes
-            # a non-commutative combine's arguments has changed across Triton releases (triton#4362)
-            _, w = tl.associative_scan((tl.flip(tl.exp(dt_next * A_n[:, None]), 1), tl.flip(c, 1)), 1, affine)
-            w = tl.flip(w, 1)
-            grad_dtu += w * B_n[None, :]
-            q = w * (h - bu)  # w_t a_t h_{t-1} = dLoss/d(dt_t A)
-            grad_dt += q * A_n[:, None]
-            grad_A = tl.where(cols[None, :] == n, grad_A + tl.sum(q * dt, axis=1)[:, None], grad_A)
-            grad_B_n = tl.sum(w * dtu, axis=0)  # rows past the group have dtu = dy_scan = 0
-            grad_C_n = tl.sum(h * dy_scan, axis=0)
-            tl.store(dB_ptr + (partial + n) * L + t, grad_B_n, mask=t_ok)
-            tl.store(dC_ptr + (partial + n) * L + t, grad_C_n, mask=t_ok)
-            w0 = tl.sum(tl.where(steps[None, :] == 0, a * w, 0.0), axis=1)
-            carry = tl.where(cols[None, :] == n, w0[:, None], carry)
+            carry = tl.load(carry_in + n, mask=row_ok, other=0.0)
+            c_r = dy_scan_r * C_r[None, :] + tl.where(steps[None, :] == 0, carry[:, None], 0.0)
+            _, w_r = tl.associative_scan((tl.exp2(dt_next_r * A2_n[:, None]), c_r), 1, affine)
+            grad_dtu_r += w_r * B_r[None, :]
+            q_r = w_r * decayed_r  # w_t a_t h_{t-1} = dLoss/d(dt_t A)
+            grad_dt_r += q_r * A_n[:, None]
+            # dA [b, E, N] (zeros on entry) is this program's alone: its adds come in chunk order
+            tl.atomic_add(dA_ptr + (b * E + e) * N + n, tl.sum(q_r * dt_r, axis=1), mask=row_ok)
+            grad_B_n = tl.sum(w_r * dtu_r, axis=0)  # rows past the group have dtu = dy_scan = 0
+            grad_C_n = tl.sum(h_r * dy_scan_r, axis=0)
+            tl.atomic_add(dB_ptr + (grad_BC_row + n) * L + r, grad_B_n, mask=r_ok)
+            tl.atomic_add(dC_ptr + (grad_BC_row + n) * L + r, grad_C_n, mask=r_ok)
+            w_first = tl.sum(tl.where(steps[None, :] == CHUNK - 1, w_r, 0.0), axis=1)
+            tl.store(carry_out + n, tl.exp2(dt_first * A2_n) * w_first, mask=row_ok)
+        tl.debug_barrier()  # the carries just written are read by other threads in the next chunk
         # the inputs that the state loop did not need, loaded again rather than kept in registers
-        u = tl.load(u_offs, mask=mask, other=0.0).to(tl.float32)
-        _, raw = load_dt(delta_ptr + b * s_db, bias, offs, mask, HAS_BIAS, SOFTPLUS)
-        grad_u = grad_dtu * dt
-        grad_dt += grad_dtu * u
+        u_r = tl.load(u_offs_r, mask=mask_r, other=0.0).to(tl.float32)
+        _, raw_r = load_dt(delta_ptr + b * s_db, bias, offs_r, mask_r, HAS_BIAS, SOFTPLUS)
+        grad_u = grad_dtu_r * dt_r
+        grad_dt_r += grad_dtu_r * u_r
         if HAS_D:
-            grad_u += dy_scan * D[:, None]
-            grad_D += tl.sum(dy_scan * u, axis=1)
-            y += D[:, None] * u
+            grad_u += dy_scan_r * D[:, None]
+            grad_D += tl.sum(dy_scan_r * u_r, axis=1)
+            y_r += D[:, None] * u_r
         if HAS_Z:
-            dy = tl.load(dy_ptr + (b * E + e[:, None]) * L + t[None, :], mask=mask, other=0.0).to(tl.float32)
-            z = tl.load(z_ptr + b * s_zb + e[:, None] * s_ze + t[None, :] * s_zt, mask=mask, other=0.0)
-            z = z.to(tl.float32)
+            dy = tl.load(dy_ptr + dy_offs_r, mask=mask_r, other=0.0).to(tl.float32)
+            z = tl.load(z_ptr + z_offs_r, mask=mask_r, other=0.0).to(tl.float32)
             gate = tl.sigmoid(z)
-            grad_z = dy * y * gate * (1.0 + z * (1.0 - gate))
-            tl.store(dz_ptr + (b * E + e[:, None]) * L + t[None, :], grad_z, mask=mask)
+            tl.store(dz_ptr + dy_offs_r, dy * y_r * gate * (1.0 + z * (1.0 - gate)), mask=mask_r)
         if SOFTPLUS:
-            grad_dt = tl.where(raw > 20.0, grad_dt, grad_dt * tl.sigmoid(raw))
-        grad_dt = tl.where(mask, grad_dt, 0.0)
-        grad_bias += tl.sum(grad_dt, axis=1)
-        tl.store(du_ptr + (b * E + e[:, None]) * L + t[None, :], grad_u, mask=mask)
-        tl.store(ddelta_ptr + (b * E + e[:, None]) * L + t[None, :], grad_dt, mask=mask)
-    tl.store(dA_ptr + (b * E + e[:, None]) * N + cols[None, :], grad_A, mask=state_mask)
+            grad_dt_r = tl.where(raw_r > 20.0, grad_dt_r, grad_dt_r * tl.sigmoid(raw_r))
+        grad_dt_r = tl.where(mask_r, grad_dt_r, 0.0)
+        grad_bias += tl.sum(grad_dt_r, axis=1)
+        tl.store(du_ptr + dy_offs_r, grad_u, mask=mask_r)
+        tl.store(ddelta_ptr + dy_offs_r, grad_dt_r, mask=mask_r)
     if HAS_D:
         tl.store(dD_ptr + b * E + e, grad_D, mask=row_ok)
     if HAS_BIAS:
