@@ -121,3 +121,9 @@ def test_gpu_check_imports_no_optional_dependency():
     result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True)
     assert result.returncode == 0, result.stderr[-2000:]
     assert result.stdout.strip() == "[]"
+
+
+def test_triton_scan_rows_carry_the_compiled_kernels_estimate():
+    row = gpu_check.kernel_estimate("triton", "ZigMa-B/2", torch.bfloat16, "forward", 32)
+    assert set(row) == {"est_us", "roofline_us"} and row["est_us"] >= row["roofline_us"] > 0
+    assert gpu_check.kernel_estimate("torch", "ZigMa-B/2", torch.bfloat16, "forward", 32) == {}

@@ -52,6 +52,7 @@ from ssm_tread import models  # noqa: E402
 from ssm_tread.ops import active_backend, allow_tf32, selective_scan  # noqa: E402
 from ssm_tread.ops.causal_conv import causal_conv1d_kernel  # noqa: E402
 from ssm_tread.ops.selective_scan import check_backend  # noqa: E402
+from ssm_tread.ops.triton_scan import interpreted  # noqa: E402
 from ssm_tread.train.step import TrainStep  # noqa: E402
 from tools.bench.env import device_name, measure_matmul_tflops, synchronize  # noqa: E402
 from tools.bench.scan import scan_inputs, time_passes  # noqa: E402
@@ -209,7 +210,7 @@ def scan_speed(device: torch.device, cfg: dict, rows: list) -> dict:
             for direction, seconds in times[backend].items():
                 rows.append(dict(layer=label, batch=cfg["batch"], E=channels, L=length,
                                  dtype=str(dtype).replace("torch.", ""), backend=backend, direction=direction,
-                                 us=seconds * 1e6, **kernel_estimate(backend, label, dtype, direction)))
+                                 us=seconds * 1e6, **kernel_estimate(backend, label, dtype, direction, cfg["batch"])))
         if "triton" in times:
             both = {b: sum(t.values()) for b, t in times.items()}
             rows.append(dict(layer=label, backend="torch / triton", direction="forward + backward",
@@ -217,17 +218,18 @@ def scan_speed(device: torch.device, cfg: dict, rows: list) -> dict:
     return dict(backends=backends, not_run=not_run)
 
 
-def kernel_estimate(backend: str, label: str, dtype: torch.dtype, direction: str) -> dict:
-    """est_us and roofline_us of the Triton kernel from its compiled code (empty for other backends or
-    where the estimate cannot be computed here)."""
-    if backend != "triton":
+def kernel_estimate(backend: str, label: str, dtype: torch.dtype, direction: str, batch: int) -> dict:
+    """est_us and roofline_us of the Triton kernel from its compiled sm_90 code (empty for the other
+    backends, and under the interpreter of the dry run, which has no compiler)."""
+    if backend != "triton" or interpreted():
         return {}
     try:
-        from tools.bench.kernels import scan_estimate
+        from tools.bench.kernels import layer_estimate
 
-        return scan_estimate(label, dtype, direction)
+        estimate = layer_estimate(label, dtype, direction, batch=batch)
     except Exception as e:  # the estimate compiles for sm_90; a failure there must not cost the timing
         return dict(estimate_error=f"{type(e).__name__}: {e}")
+    return {k: estimate[k] for k in ("est_us", "roofline_us")}
 
 
 def build(name: str, cfg: dict, device: torch.device, tread: bool):
