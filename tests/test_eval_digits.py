@@ -1,12 +1,19 @@
 """The digits evaluator: shipped classifier weights, held-out accuracy, digits FID, determinism, errors."""
 import os
 
+import numpy as np
 import pytest
 import torch
 
 from ssm_tread.data import load_digits_tensors
 from ssm_tread.eval import DigitsEvaluator, DigitsFeatures, FeatureExtractor, compute_features, load_digits_classifier
-from ssm_tread.eval.digits import DEFAULT_WEIGHTS, holdout_split, train_digits_classifier
+from ssm_tread.eval.digits import (
+    DEFAULT_WEIGHTS,
+    holdout_split,
+    reference_statistics,
+    save_digits_classifier,
+    train_digits_classifier,
+)
 
 
 @pytest.fixture(scope="module")
@@ -97,3 +104,26 @@ def test_mnist_evaluator_scores_held_out_digits_well_and_noise_badly():
         evaluator.evaluate(torch.zeros(4, 1, 16, 16), torch.zeros(4))
     with pytest.raises(ValueError, match="no classifier for data set 'cifar'"):
         DigitsEvaluator(dataset="cifar")
+
+
+def test_mnist_reference_statistics_shipped_with_the_weights_are_theirs():
+    from ssm_tread.data import load_mnist_tensors
+    from ssm_tread.eval.metrics import feature_statistics
+
+    model, _ = load_digits_classifier(dataset="mnist")
+    with torch.no_grad():
+        feats = torch.cat([model.features(x) for x in load_mnist_tensors("train")[0].split(1000)]).double().numpy()
+    mu, sigma = feature_statistics(feats)
+    stored_mu, stored_sigma = DigitsFeatures(dataset="mnist").reference
+    assert mu.shape == (64,) and sigma.shape == (64, 64)
+    assert np.allclose(stored_mu, mu, rtol=1e-4, atol=1e-4) and np.allclose(stored_sigma, sigma, rtol=1e-4, atol=1e-3)
+    assert DigitsFeatures().reference is None  # the digits weights predate stored statistics: computed at start
+
+
+def test_saved_statistics_are_those_the_evaluator_would_compute(tmp_path):
+    model, metrics = train_digits_classifier(epochs=1, seed=3, log=None)
+    path = str(tmp_path / "clf.pt")
+    save_digits_classifier(model, metrics, path)
+    stored = DigitsEvaluator(weights=path).reference
+    computed = reference_statistics(DigitsFeatures(weights=path), "digits")
+    assert all(np.array_equal(a, b) for a, b in zip(stored, computed))
