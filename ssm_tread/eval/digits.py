@@ -183,7 +183,8 @@ class DigitsEvaluator:
     "digits" (S = 16) or "mnist" (S = 32).
 
     fid: Frechet distance between the data set's classifier's penultimate features of the images and of
-    :func:`reference_images` (their statistics as stored with the weights, if they are); accuracy: share of images the classifier assigns to their label.
+    :func:`reference_images` (their statistics as stored with the weights, if they are); accuracy: share of
+    images the classifier assigns to their label.
     """
 
     def __init__(self, weights=None, device="cpu", batch_size=512, dataset="digits"):
