@@ -30,9 +30,8 @@ import sys
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from tqdm.auto import tqdm
-
 from ssm_tread.models import count_macs, create_model
+from ssm_tread.progress import progress_bar
 from ssm_tread.train.config import ConfigError, load_config, model_spec, to_json
 from ssm_tread.train.trainer import build_dataset_from
 from tools.bench.study_report import MODES, run_key
@@ -126,7 +125,7 @@ def run_study(config_path: str, runs_root: str | os.PathLike, workers: int = 1, 
     todo = [(run, run_overrides(cfg, *run, runs_root, dry_run)) for run in grid(cfg, backbones, modes, seeds)]
     todo = [(run, overrides) for run, overrides in todo if not is_finished(config_path, overrides)]
     failed = []
-    with ThreadPoolExecutor(max_workers=max(1, workers)) as pool, tqdm(total=len(todo), desc="study runs") as bar:
+    with ThreadPoolExecutor(max_workers=max(1, workers)) as pool, progress_bar(total=len(todo), desc="study runs") as bar:
         for (run, _), (code, log) in zip(todo, pool.map(lambda item: train_run(config_path, item[1]), todo)):
             bar.update(1)
             if code:
