@@ -25,7 +25,7 @@ diffusion = dict(
 )
 
 data = dict(
-    name="latents",           # "latents" (pre-extracted VAE latents, 4x32x32) or "digits" (1x16x16)
+    name="latents",           # "latents" (pre-extracted VAE latents, 4x32x32), "digits" (1x16x16) or "mnist" (1x32x32)
     root="data/imagenet256_latents",  # the latent shards (latents only)
     kwargs={},                # more build_dataset keywords
     num_workers=None,         # data-loader worker processes per rank; None: the CPUs a rank has besides its own, at

