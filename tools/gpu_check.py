@@ -373,7 +373,7 @@ def device_problem(device: torch.device) -> str:
     return ""
 
 
-def run_part(name: str, part, budget: float, device: torch.device) -> dict:
+def run_part(part, budget: float, device: torch.device) -> dict:
     """{status: ok | cut | failed, rows, seconds, ...}: the part's result within ``budget`` seconds."""
     rows = []
     start = time.perf_counter()
@@ -432,7 +432,7 @@ def run(args) -> dict:
             report["parts"][name] = dict(status="skipped", rows=[], reason=reason, seconds=0.0)
         else:
             print(f"[gpu_check] {name} ...", flush=True)
-            report["parts"][name] = result = run_part(name, part, min(BUDGET_S[name], left), device)
+            report["parts"][name] = result = run_part(part, min(BUDGET_S[name], left), device)
             print(f"[gpu_check] {name}: {result['status']} in {result['seconds']:.0f} s", flush=True)
             if result["status"] == "failed":
                 broken = device_problem(device)
