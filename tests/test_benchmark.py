@@ -173,6 +173,17 @@ def test_study_file_is_a_trainer_config_with_a_grid():
         grid(cfg, seeds=[7])
 
 
+def test_long_digits_study_is_the_probe_schedule_with_checkpoints():
+    """The 1500-step digits study: the 250-step study's models and data with the probe's schedule, 24 runs."""
+    short, cfg = load_config("configs/study_digits.py"), load_config("configs/study_digits_1500.py")
+    assert cfg["_study"]["backbones"] == short["_study"]["backbones"] and cfg["data"] == short["data"]
+    assert len(grid(cfg)) == 24 and ("DiT", "naive", 1) not in grid(cfg)
+    o, t = cfg["optim"], cfg["train"]
+    assert (o["lr"], o["warmup_steps"], o["schedule"], o["min_lr"]) == (2e-3, 50, "cosine", 5e-4)
+    assert (t["steps"], t["ema_decay"], cfg["eval"]["every"]) == (1500, 0.995, 250)
+    assert t["ckpt_every"] and t["steps"] % t["ckpt_every"] == 0  # a cut-off run continues from a checkpoint
+
+
 def fake_run(backbone, mode, seed, fids, accs):
     return {"backbone": backbone, "mode": mode, "seed": seed, "params": 1000,
             "macs": {"full": 10, "routed": 7},
@@ -242,26 +253,36 @@ def test_study_trains_through_the_trainer_and_resumes(tmp_path):
         diffusion["objective"] = "flow"
         data.update(name="digits", num_workers=0)
         optim.update(lr=1e-3, warmup_steps=1)
-        train.update(steps=2, batch_size=4, ckpt_every=0, cpu_threads=1)
+        train.update(steps=4, batch_size=4, ckpt_every=2, keep_last=2, keep_every=0, cpu_threads=1)
         log.update(every=1, grid_every=0, tensorboard=False)
         sample.update(sampler="euler", steps=1, batch_size=20, grid_classes=[0, 1], grid_per_class=2)
-        eval.update(num_samples=20, every=2)
+        eval.update(num_samples=20, every=4)
         study = dict(backbones={"ZigMa": (model["name"], model["kwargs"])}, routes={"ZigMa": [(2, 3, 0.5)]},
                      modes=("none", "scan", "naive"), seeds=(0, 1))
     """))
     data = run_study(str(config), tmp_path / "runs", workers=2, seeds=[0])
     assert sorted(data["runs"]) == ["ZigMa|naive|0", "ZigMa|none|0", "ZigMa|scan|0"]
     for run in data["runs"].values():
-        assert [e["step"] for e in run["evals"]] == [2] and run["evals"][0]["train_wall_s"] > 0
+        assert [e["step"] for e in run["evals"]] == [4] and run["evals"][0]["train_wall_s"] > 0
         assert set(run["evals"][0]) == {"step", "fid", "accuracy", "train_wall_s", "train_cpu_s"}
     # the two TREAD modes start from the same weights, batches and subsets: their first losses agree
     scan, naive = (data["runs"][f"ZigMa|{m}|0"]["losses"][0]["loss"] for m in ("scan", "naive"))
     assert scan == pytest.approx(naive, rel=1e-3)
     assert data["runs"]["ZigMa|none|0"]["macs"]["full"] == data["runs"]["ZigMa|scan|0"]["macs"]["full"]
     assert data["runs"]["ZigMa|scan|0"]["macs"]["routed"] < data["runs"]["ZigMa|scan|0"]["macs"]["full"]
+    # a run cut off after its step-2 checkpoint continues from it, to the same losses
+    cut = tmp_path / "runs" / "ZigMa-scan-seed0"
+    (cut / "eval.json").unlink()
+    (cut / "checkpoints" / "step-0000004.pt").unlink()
     stamps = {p: p.stat().st_mtime_ns for p in (tmp_path / "runs").glob("*/eval.json")}
-    assert len(run_study(str(config), tmp_path / "runs", seeds=[0])["runs"]) == 3  # all done: nothing retrains
-    assert stamps == {p: p.stat().st_mtime_ns for p in (tmp_path / "runs").glob("*/eval.json")}
+    again = run_study(str(config), tmp_path / "runs", seeds=[0])["runs"]
+    assert len(again) == 3 and (cut / "eval.json").is_file()
+    assert stamps == {p: p.stat().st_mtime_ns for p in stamps}  # the finished runs: not trained again
+    log = (cut / "train.log").read_text()
+    assert "resuming from step 2" in log and "Traceback" not in log
+    first, second = data["runs"]["ZigMa|scan|0"], again["ZigMa|scan|0"]
+    assert [r["step"] for r in second["losses"]] == [1, 2, 3, 4]
+    assert [r["loss"] for r in second["losses"]] == pytest.approx([r["loss"] for r in first["losses"]], rel=1e-5)
 
 
 def test_mnist_study_is_the_16x16_token_grid_of_equal_sized_models():

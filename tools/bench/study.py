@@ -18,7 +18,9 @@ evaluations of 20 samples after each; it checks on a CPU, in seconds a run, that
 The results come from each run's own files: the evaluations of the EMA model (``eval.every``; digits
 FID and class accuracy) and the training time up to them (``train_wall_s``, ``train_cpu_s``) from
 metrics.jsonl. A run whose eval.json exists and whose config.json is the config it would get now is
-finished and skipped, so an interrupted study resumes where it stopped.
+finished and skipped; an unfinished one with that config and a checkpoint (``train.ckpt_every``)
+continues from its newest checkpoint (``tools/train.py --resume``), any other starts over. So an
+interrupted study resumes where it stopped.
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ import sys
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+from ssm_tread.checkpoint import latest_checkpoint
 from ssm_tread.models import count_macs, create_model
 from ssm_tread.progress import progress_bar
 from ssm_tread.train.config import ConfigError, load_config, model_spec, to_json
@@ -76,23 +79,39 @@ def run_overrides(cfg: dict, backbone: str, mode: str, seed: int, runs_root: str
             "log.progress=false", *(DRY_RUN if dry_run else [])]
 
 
-def is_finished(config_path: str, overrides: list[str]) -> bool:
+def started_here(config_path: str, overrides: list[str]) -> bool:
+    """Whether the run dir holds a run of exactly this config (its config.json; ``train.resume`` aside, which
+    a resumed run records as "auto")."""
     cfg = load_config(config_path, overrides)
-    run_dir = Path(cfg["train"]["run_dir"])
-    saved = run_dir / "config.json"
-    return ((run_dir / "eval.json").is_file() and saved.is_file()
-            and json.loads(saved.read_text()) == json.loads(to_json(cfg)))
+    saved = Path(cfg["train"]["run_dir"]) / "config.json"
+    if not saved.is_file():
+        return False
+    try:
+        ran = json.loads(saved.read_text())
+    except ValueError:
+        return False
+    wanted = json.loads(to_json(cfg))
+    for config in (ran, wanted):
+        config.get("train", {}).pop("resume", None)
+    return ran == wanted
+
+
+def is_finished(config_path: str, overrides: list[str]) -> bool:
+    run_dir = Path(load_config(config_path, overrides)["train"]["run_dir"])
+    return (run_dir / "eval.json").is_file() and started_here(config_path, overrides)
 
 
 def train_run(config_path: str, overrides: list[str]) -> tuple[int, Path]:
-    """``python tools/train.py CONFIG OVERRIDES --overwrite`` (an unfinished run starts over) with its output in
-    the run's train.log; (exit code, log)."""
+    """``python tools/train.py CONFIG OVERRIDES --resume`` where the run dir holds a checkpoint of this run,
+    else ``--overwrite`` (it starts over), with its output appended to the run's train.log; (exit code, log)."""
     run_dir = Path(load_config(config_path, overrides)["train"]["run_dir"])
+    resume = started_here(config_path, overrides) and latest_checkpoint(run_dir / "checkpoints") is not None
     run_dir.mkdir(parents=True, exist_ok=True)
     log = run_dir / "train.log"
-    with open(log, "w") as f:
-        done = subprocess.run([sys.executable, str(TRAIN), config_path, *overrides, "--overwrite"], stdout=f,
-                              stderr=subprocess.STDOUT, check=False, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    with open(log, "a" if resume else "w") as f:
+        done = subprocess.run([sys.executable, str(TRAIN), config_path, *overrides,
+                               "--resume" if resume else "--overwrite"], stdout=f, stderr=subprocess.STDOUT,
+                              check=False, env={**os.environ, "OMP_NUM_THREADS": "1"})
     return done.returncode, log
 
 
