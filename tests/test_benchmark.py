@@ -233,13 +233,31 @@ def test_paired_differences_and_equal_cost():
     assert report._interpolate(5.0, [10.0, 20.0], [1.0, 2.0]) is None
 
 
+def test_paired_equal_cost_matches_a_hand_computation():
+    runs = {
+        "a": fake_run("ZigMa", "scan", 0, [10.0, 4.0], [0.5, 0.9]),
+        "b": fake_run("ZigMa", "scan", 1, [12.0, 5.0], [0.4, 0.8]),
+        "c": fake_run("ZigMa", "none", 0, [20.0, 8.0], [0.1, 0.5]),
+        "d": fake_run("ZigMa", "none", 1, [30.0, 10.0], [0.1, 0.5]),
+        "e": fake_run("ZigMa", "naive", 2, [9.0, 3.0], [0.5, 0.9]),  # no no-routing run of seed 2: left out
+    }
+    # 20 TREAD steps at 7/10 of the MACs = 14 no-routing steps: seed 0 4 - (20 - 12 * 0.4) = -11.2,
+    # seed 1 5 - (30 - 20 * 0.4) = -17 -> mean -14.1, sample std 2.9 * sqrt(2)
+    mean, std, n = report.paired_equal_cost({"runs": runs}, "compute")["ZigMa"]["scan"]
+    assert (mean, std, n) == (pytest.approx(-14.1), pytest.approx(2.9 * math.sqrt(2)), 2)
+    # equal CPU time: TREAD's last clock 1.5 s is the no-routing runs' last evaluation: 4 - 8, 5 - 10
+    mean, std, n = report.paired_equal_cost({"runs": runs}, "train_cpu_s")["ZigMa"]["scan"]
+    assert (mean, std, n) == (pytest.approx(-4.5), pytest.approx(math.sqrt(0.5)), 2)
+    assert "naive" not in report.paired_equal_cost({"runs": runs})["ZigMa"]
+
+
 def test_study_table_and_plots(tmp_path):
     runs = {report.run_key(b, m, s): fake_run(b, m, s, [10.0 + s, 5.0 + s], [0.5, 0.6])
             for b in ("DiT", "ZigMa") for m in report.MODES for s in (0, 1)}
     data = {"runs": runs}
     table = report.markdown_table(data)
     assert "TREAD, scan-consistent" in table and "10.50 +- 0.71" in table
-    for x in ("step", "train_wall_s"):
+    for x in ("step", "compute", "train_wall_s"):
         path = tmp_path / f"{x}.png"
         report.plot_study(data, path, x=x)
         assert path.stat().st_size > 0

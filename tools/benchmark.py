@@ -171,9 +171,9 @@ def study(args):
     title = f"Convergence study {name}{' (dry run: toy sizes)' if args.dry_run else ''}, {meta['date']}"
     (out / "study.md").write_text(f"{title}\n\nCommand: `{meta['command']}`\n\n" + table)
     print(table)
-    for x, axis in (("step", "steps"), ("train_wall_s", "wallclock"), ("train_cpu_s", "cputime")):
+    for x, axis in (("step", "steps"), ("compute", "compute"), ("train_wall_s", "wallclock"), ("train_cpu_s", "cputime")):
         report.plot_study(data, f"{plot_prefix}_{axis}.png", x=x)
-    print(f"wrote {out / 'study.md'}, {plot_prefix}_{{steps,wallclock,cputime}}.png")
+    print(f"wrote {out / 'study.md'}, {plot_prefix}_{{steps,compute,wallclock,cputime}}.png")
 
 
 def kernels(args):

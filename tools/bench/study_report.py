@@ -119,6 +119,20 @@ def markdown_table(data: dict) -> str:
                      f"| {row['fid']:.2f} / {row['accuracy']:.3f} ({row['step']}) "
                      f"| {cell(row['compute_fid'], row['compute_accuracy'], row['compute_step'])} "
                      f"| {cell(row['time_fid'], row['time_accuracy'], row['time_step'] or 0)} |")
+    lines += ["", "Paired by seed at equal training cost: each TREAD run's final FID minus its own seed's no-routing "
+              "FID at the same analytic compute / the same training CPU time; mean +- std over seeds (negative: "
+              "TREAD ahead):", "", "| backbone | mode | at equal MACs | at equal CPU time |", "|---|---|---|---|"]
+    at_compute, at_time = paired_equal_cost(data, "compute"), paired_equal_cost(data, "train_cpu_s")
+
+    def paired(table, backbone, mode):
+        value = table.get(backbone, {}).get(mode)
+        return "-" if value is None else f"{value[0]:+.2f} +- {value[1]:.2f} (n={value[2]})"
+
+    for backbone in agg:
+        for mode in ("scan", "naive"):
+            if mode in agg[backbone] and "none" in agg[backbone]:
+                lines.append(f"| {backbone} | {MODE_LABELS[mode]} | {paired(at_compute, backbone, mode)} "
+                             f"| {paired(at_time, backbone, mode)} |")
     for a, b, title in (("naive", "scan", "naive minus scan-consistent (positive: keeping the scan order helps)"),
                         ("scan", "none", "scan-consistent TREAD minus no routing, at equal steps")):
         diffs = paired_differences(data, a, b)
@@ -181,6 +195,35 @@ def equal_cost_rows(data: dict, time_key: str = "train_cpu_s") -> list[dict]:
     return rows
 
 
+def compute_ratio(run: dict) -> float:
+    """Forward MACs per image of the run's mode over the unrouted model's: a step of a TREAD run is worth
+    this many no-routing steps of analytic compute."""
+    return 1.0 if run["mode"] == "none" else run["macs"]["routed"] / run["macs"]["full"]
+
+
+def paired_equal_cost(data: dict, cost: str = "compute") -> dict:
+    """Per backbone and TREAD mode: mean and sample std over seeds of the TREAD run's final FID minus the
+    FID of the same seed's no-routing run at equal cost, ``cost`` "compute" (analytic: steps x forward
+    MACs) or "train_cpu_s" (measured), interpolated linearly between that run's evaluations; seeds whose
+    no-routing curve does not reach back that far are left out. {backbone: {mode: (mean, std, n)}}."""
+    by_key = {(r["backbone"], r["mode"], r["seed"]): r for r in data["runs"].values()}
+    out: dict = {}
+    for (backbone, mode, seed), run in by_key.items():
+        base = by_key.get((backbone, "none", seed))
+        if mode == "none" or base is None:
+            continue
+        last = run["evals"][-1]
+        if cost == "compute":
+            at, xs = last["step"] * compute_ratio(run), [e["step"] for e in base["evals"]]
+        else:
+            at, xs = last[cost], [e[cost] for e in base["evals"]]
+        fid = _interpolate(at, xs, [e["fid"] for e in base["evals"]])
+        if fid is not None:
+            out.setdefault(backbone, {}).setdefault(mode, []).append(last["fid"] - fid)
+    return {backbone: {mode: (*mean_std(values), len(values)) for mode, values in modes.items()}
+            for backbone, modes in out.items()}
+
+
 def paired_differences(data: dict, a: str, b: str, metric: str = "fid") -> dict:
     """Per backbone and evaluation step: mean and sample std over seeds of metric(a) - metric(b), pairing
     the runs of one seed (same initial weights, batches and noise)."""
@@ -199,8 +242,9 @@ def paired_differences(data: dict, a: str, b: str, metric: str = "fid") -> dict:
 
 
 def plot_study(data: dict, path: str | os.PathLike, x: str = "step") -> None:
-    """FID (top row) and class accuracy (bottom row) against ``x`` ("step", "train_wall_s" or
-    "train_cpu_s"), one column per backbone, mean +- std over seeds (shaded)."""
+    """FID (top row) and class accuracy (bottom row) against ``x`` ("step", "compute": analytic training
+    compute in no-routing steps, "train_wall_s" or "train_cpu_s"), one column per backbone, mean +- std over
+    seeds (shaded)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -211,8 +255,9 @@ def plot_study(data: dict, path: str | os.PathLike, x: str = "step") -> None:
     order = list(data.get("config", {}).get("backbones", {}))
     backbones = sorted(agg, key=lambda b: order.index(b) if b in order else len(order))
     fig, axes = plt.subplots(2, len(backbones), figsize=(4.6 * len(backbones), 7.2), squeeze=False)
-    xlabel = {"step": "training step", "train_wall_s": "training wall-clock time (s)",
-              "train_cpu_s": "training CPU time (s)"}[x]
+    xlabel = {"step": "training step", "compute": "analytic training compute (no-routing steps)",
+              "train_wall_s": "training wall-clock time (s)", "train_cpu_s": "training CPU time (s)"}[x]
+    ratio = {(r["backbone"], r["mode"]): compute_ratio(r) for r in data["runs"].values()}
     for col, backbone in enumerate(backbones):
         for row, metric in enumerate(METRICS):
             ax = axes[row][col]
@@ -221,7 +266,8 @@ def plot_study(data: dict, path: str | os.PathLike, x: str = "step") -> None:
                 if not rows:
                     continue
                 colour, style = MODE_STYLE[mode]
-                xs = [r["step"] if x == "step" else r[f"{x}_mean"] for r in rows]
+                xs = [r["step"] * (ratio[(backbone, mode)] if x == "compute" else 1) if x in ("step", "compute")
+                      else r[f"{x}_mean"] for r in rows]
                 mean = [r[f"{metric}_mean"] for r in rows]
                 std = [r[f"{metric}_std"] for r in rows]
                 ax.plot(xs, mean, style, color=colour, marker="o", ms=3, label=f"{MODE_LABELS[mode]} (n={rows[-1]['n']})")
@@ -238,7 +284,8 @@ def plot_study(data: dict, path: str | os.PathLike, x: str = "step") -> None:
             ax.grid(alpha=0.3)
             if col == 0:
                 ax.legend(fontsize=8)
-    fig.suptitle(f"Digits convergence: mean \u00b1 std over seeds (shaded), against {xlabel}")
+    name = Path(data.get("config", {}).get("file", "study")).stem
+    fig.suptitle(f"{name}: mean \u00b1 std over seeds (shaded), against {xlabel}")
     fig.tight_layout()
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=100)
