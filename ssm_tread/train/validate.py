@@ -85,7 +85,7 @@ def _first_line(error: Exception) -> str:
 def _check_model(cfg: dict, geometry: dict | None, problems: _Problems) -> None:
     """Build the model on the meta device, first without routes (checks its name and keyword arguments), then
     with them: an error is the routes' only when the model without them builds (parse_routes, or the model)."""
-    from ssm_tread.models import create_model
+    from ssm_tread.models import FAMILIES, MODEL_NAMES, create_model
     from ssm_tread.routing import parse_routes
 
     m, r = cfg["model"], cfg["routing"]
@@ -98,8 +98,7 @@ def _check_model(cfg: dict, geometry: dict | None, problems: _Problems) -> None:
         message = _first_line(e)
         if "unknown model" in message:
             problems.add("model.name", m["name"], message.split(" Valid names")[0],
-                         "choose DiT-{S,B,L,XL}/{2,4,8}, DiM-{S,B,L,H}/2, ZigMa-{S,B,M,L,H}/{1,2,4}, "
-                         "or DiT, DiM, ZigMa with model.kwargs")
+                         f"choose one of {', '.join(MODEL_NAMES)}, or {', '.join(FAMILIES)} with model.kwargs")
         else:
             problems.add("model.kwargs", m["kwargs"], message, "fix the model's keyword arguments")
         return
