@@ -1,6 +1,6 @@
 """TREAD token routing, shared by every backbone.
 
-A route ``(start, end, ratio)`` lets a random share ``ratio`` of the routable tokens skip blocks
+A route ``(start, end, ratio)`` lets exactly floor(N * ratio) of the N routable tokens skip blocks
 ``start..end`` (inclusive). Just before block ``start`` each sample draws its own uniformly random
 subset of tokens to keep; the blocks of the route see only those; just after block ``end`` the
 processed tokens are scattered back into a copy of the sequence as it was at the route start, so the
@@ -34,7 +34,8 @@ from ssm_tread.scans import inverse_order
 
 @dataclass(frozen=True)
 class Route:
-    """Tokens bypass blocks ``start..end`` (inclusive) with probability ``ratio`` each."""
+    """floor(N * ratio) of the N routable tokens, drawn uniformly per sample, bypass blocks ``start..end``
+    (inclusive)."""
 
     start: int
     end: int

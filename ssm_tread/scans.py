@@ -150,7 +150,7 @@ def dim_schedule(depth: int) -> list[str]:
 
     Block 0 reads raster; blocks 1..depth//2 cycle raster_rev, column, column_rev, raster; the decoder
     half mirrors the encoder (block depth-1-k uses block k's order). This is the official DiM's rule
-    (OFFICIAL_MODELS.md section 3.5).
+    (github.com/tyshiwo1/DiM-DiffusionMamba, ``mamba_2d.py``).
     """
     if depth < 1 or depth % 2 == 0:
         raise ValueError(f"DiM's schedule needs an odd depth (encoder, middle block, decoder), got {depth}")

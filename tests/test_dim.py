@@ -47,7 +47,7 @@ def test_every_gradient_has_its_parameters_layout():
         assert p.grad.stride() == p.stride(), (name, p.grad.stride(), p.stride())
 
 
-# OFFICIAL_MODELS.md section 3.11: total, mixers, skip Linears, adaLN-single (timestep MLP and class
+# counted on the meta device from the official DiM (tyshiwo1/DiM-DiffusionMamba, 292b228): total, mixers, skip Linears, adaLN-single (timestep MLP and class
 # table included), label_emb (our class_tokens), proj_out_1 (our final adaLN), additional_embed (our pos_embed)
 OFFICIAL_COUNTS = {
     "DiM-H/2": (862_407_184, 730_662_912, 113_319_936, 11_375_616, 1_537_536, 4_721_664, 396_288),
@@ -111,7 +111,7 @@ def test_sequence_layout_and_scan_orders_over_the_whole_sequence():
 
 
 def test_schedule_follows_the_official_rule():
-    """OFFICIAL_MODELS.md 3.5: block 0 raster; blocks 1..m-1 pattern i mod 4; then one step back per
+    """The official DiM (mamba_2d.py): block 0 raster; blocks 1..m-1 pattern i mod 4; then one step back per
     block; the last block raster (m = 1 + (L-1)/2); patterns raster, reverse, column, column reverse."""
     names = ["raster", "raster_rev", "column", "column_rev"]
     for depth in (5, 9, 49):
@@ -210,7 +210,7 @@ def test_prefix_and_padding_tokens_are_never_routed():
 
 
 def test_official_initialisation():
-    """OFFICIAL_MODELS.md 3.8: not adaLN-Zero; out_proj U(+-1/sqrt E) / sqrt(L); tables N(0, 1)/sqrt(D)."""
+    """The official DiM (utils/init_weights.py): not adaLN-Zero; out_proj U(+-1/sqrt E) / sqrt(L); tables N(0, 1)/sqrt(D)."""
     torch.manual_seed(0)
     d, depth = 64, 9
     model = tiny(hidden_size=d, depth=depth, input_size=16)

@@ -1,8 +1,8 @@
 """Official DiM and ZigMa: ``load_official`` reproduces the official forward, checked against plain
-re-implementations written in this file from the facts of OFFICIAL_MODELS.md (official key names, a
-loop over the blocks, a sequential selective scan), on random official-format state dicts.
+re-implementations written in this file from the official code of CompVis/zigma (37d837b) and
+tyshiwo1/DiM-DiffusionMamba (292b228) (official key names, a loop over the blocks, a sequential selective scan), on random official-format state dicts.
 
-The example configs are those of OFFICIAL_MODELS.md sections 2.5 and 3.9: D=64, L=9, a 16x16x4
+The example configs: D=64, L=9, a 16x16x4
 latent, p=2, 10 classes (378,832 DiM and 434,192 ZigMa parameters). Every weight is random, so
 zero-initialised parts cannot hide a wiring difference.
 """
@@ -33,7 +33,7 @@ PARITY_TOLERANCE = 1e-9
 
 
 # ----------------------------------------------------------------------------------------------------
-# Official state-dict layouts (OFFICIAL_MODELS.md tables 1, 2.5, 3.9)
+# Official state-dict layouts (the key names and shapes of the two official repositories)
 
 
 def mixer_shapes(d, k):
@@ -181,7 +181,7 @@ def modulate(x, shift, scale):
 
 
 def zigzag_paths(n):
-    """The 8 paths of REFERENCE.md section 5, corner by corner, row-snake then column-snake."""
+    """The 8 zigzag paths of the ZigMa paper (Hu et al., 2024), corner by corner, row-snake then column-snake."""
     paths = []
     for r0, c0 in [(0, 0), (0, n - 1), (n - 1, 0), (n - 1, n - 1)]:
         dr, dc = (1 if r0 == 0 else -1), (1 if c0 == 0 else -1)
@@ -192,7 +192,7 @@ def zigzag_paths(n):
 
 
 def zigma_reference(sd, x, t01, y, depth):
-    """Official ZigMa (OFFICIAL_MODELS.md 2.2): t01 in [0, 1]."""
+    """Official ZigMa (CompVis/zigma model_zigma.py, evaluation mode): t01 in [0, 1]."""
     h_grid = x.shape[-1] // P
     tokens = patchify(x, sd, "x_embedder.proj") + sd["pos_embed"]
     t_emb = linear(F.silu(linear(sinusoid(1000 * t01, 256), sd, "t_embedder.mlp.0")), sd, "t_embedder.mlp.2")
@@ -220,7 +220,7 @@ def dim_patterns(rows, cols):
 
 
 def dim_schedule_reference(depth):
-    """OFFICIAL_MODELS.md 3.5: the pattern index of each block."""
+    """The official DiM (mamba_2d.py): the pattern index of each block."""
     m = 1 + (depth - 1) // 2
     k = [0]
     for i in range(1, depth):
@@ -234,7 +234,7 @@ def dim_schedule_reference(depth):
 
 
 def dim_reference(sd, x, t, y, depth):
-    """Official DiM (OFFICIAL_MODELS.md 3.2-3.7)."""
+    """Official DiM (tyshiwo1/DiM-DiffusionMamba mamba_2d.py and adapter_attn4mamba.py)."""
     d = sd["pos_embed.proj.weight"].shape[0]
     g = x.shape[-1] // P
     tau = sinusoid(t, d)

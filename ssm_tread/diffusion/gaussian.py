@@ -314,6 +314,7 @@ class GaussianDiffusion:
 
 
 def create_gaussian_diffusion(num_timesteps: int = 1000, schedule: str = "linear", **kwargs) -> GaussianDiffusion:
-    """DDPM with a named beta schedule ("linear" or "cosine"); kwargs go to :class:`GaussianDiffusion`."""
+    """DDPM with a named beta schedule (a key of BETA_SCHEDULES: "linear", "cosine", "scaled_linear"); kwargs go
+    to :class:`GaussianDiffusion`."""
     check_choice("schedule", schedule, tuple(BETA_SCHEDULES))
     return GaussianDiffusion(BETA_SCHEDULES[schedule](num_timesteps), **kwargs)

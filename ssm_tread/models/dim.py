@@ -1,9 +1,8 @@
 """DiM (Teng et al., "DiM: Diffusion Mamba for Efficient High-Resolution Image Synthesis") with
 scan-consistent TREAD token routing.
 
-This is the official DiM (tyshiwo1/DiM-DiffusionMamba, ``Mamba2DModel`` with the ImageNet configs; the
-facts are in OFFICIAL_MODELS.md section 3): same forward pass, same initialisation, the same
-parameters (:func:`ssm_tread.models.load_official` loads its checkpoints key for key). Forward:
+This is the official DiM (github.com/tyshiwo1/DiM-DiffusionMamba at commit 292b228, ``Mamba2DModel``
+with the ImageNet configs): same forward pass, same initialisation, the same parameters (:func:`ssm_tread.models.load_official` loads its checkpoints key for key). Forward:
 
 1. Patchify (p x p conv) -> tokens [B, n, D]. The time token tau = sinusoid_D(t) (the raw sinusoid,
    no MLP) and the class token kappa = ``class_tokens[y]`` (a table of its own). A learned position
@@ -19,9 +18,9 @@ parameters (:func:`ssm_tread.models.load_official` loads its checkpoints key for
 4. Drop the prefix and the padding -> depthwise 3x3 conv (``out_conv``) -> RMSNorm with weight ->
    shift/scale from Linear(SiLU(tau + kappa)) -> Linear -> unpatchify.
 
-Long skips (U-ViT style): blocks 1..(L-1)/2 store their output (block 0 stores nothing) and blocks
-(L+1)/2..L-1 fuse them last in, first out, so block (L+1)/2 fuses block (L-1)/2 and block L-1 fuses
-block 1. The fusion is ``W [s; skip] + b``: one ``Linear(2D, D)`` up to width 512, and above (every
+Long skips (U-ViT style), with m = (depth - 1) / 2: blocks 1..m store their output (block 0 stores
+nothing) and blocks m+1..depth-1 fuse them last in, first out, so block m+1 fuses block m and the last
+block fuses block 1. The fusion is ``W [s; skip] + b``: one ``Linear(2D, D)`` up to width 512, and above (every
 published config) two ``Linear(D, D)`` (``skip_linear.0`` on the stream, ``skip_linear.1`` on the
 skip) whose biases add, as in the official code.
 
@@ -41,8 +40,9 @@ What is ours, not the official model's:
   routable; the prefix and padding tokens go through every block and keep their places in every
   restricted order. Skips are stored with their routing tag; a skip that crosses a route boundary is
   brought to the fusing block's token set with ``routing.align`` (scattered over the route-start
-  state, or gathered at the kept tokens). Tokens are kept in sequence order between blocks and each
-  mixer permutes to its scan and back, so a skip and the stream it is fused with always line up.
+  state, or gathered at the kept tokens). Between blocks the tokens lie as the routing pass holds
+  them (the full sequence in sequence order; inside a route the kept tokens in selection order) and
+  each mixer permutes to its scan and back, so a skip and the stream it is fused with always line up.
 - ``class_dropout_prob``: in training a label is replaced by the null class ``num_classes`` with this
   probability, in both tables at once (the official code does this in its data pipeline). Both
   tables always have the null row, as in the official model; ``y = num_classes`` is the

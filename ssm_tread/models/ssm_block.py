@@ -3,7 +3,8 @@
 - :func:`mix_in_scan_order`: a mixer reads the tokens in front of it in the layer's scan order (the
   order restricted to the survivors while a route is in flight) and writes back to where they lay.
 - :func:`init_mamba_backbone`: the model-wide initialisation pass that the official DiM and ZigMa both
-  apply (OFFICIAL_MODELS.md sections 2.4 and 3.8).
+  apply (mamba-ssm's ``_init_weights``, called by github.com/CompVis/zigma and
+  github.com/tyshiwo1/DiM-DiffusionMamba).
 - :func:`scan_table`: the distinct scan orders of a schedule, stacked once, and each layer's row.
 
 Shapes: B batch, L sequence length, K tokens in a route, D hidden size, h x w patch grid, p patch size.

@@ -1,8 +1,8 @@
 """ZigMa (Hu et al., "ZigMa: A DiT-style Zigzag Mamba Diffusion Model") with scan-consistent TREAD
 token routing.
 
-This is the official ZigMa image model (CompVis/zigma ``ZigMa`` with ``scan_type="zigzagN8"``; the facts
-are in OFFICIAL_MODELS.md section 2): same forward pass, same initialisation, the same parameters
+This is the official ZigMa image model (github.com/CompVis/zigma at commit 37d837b, ``ZigMa`` with
+``scan_type="zigzagN8"``): same forward pass, same initialisation, the same parameters
 (:func:`ssm_tread.models.load_official` loads its checkpoints key for key). Forward:
 
 1. Patch embedding (p x p conv) [+ position embedding] -> tokens [B, N, D]; the condition
@@ -213,8 +213,8 @@ class ZigMa(nn.Module):
         nn.init.normal_(self.t_embedder.mlp[2].weight, std=0.02)
         for block in self.blocks:
             nn.init.zeros_(block.adaLN_modulation[-1].weight)
-        init_mamba_backbone(self, self.depth)  # also zeroes the patch conv's and the adaLN biases
-        nn.init.zeros_(self.x_embedder.proj.bias)
+        init_mamba_backbone(self, self.depth)  # zeroes every Linear bias but dt_proj's (the adaLN ones too)
+        nn.init.zeros_(self.x_embedder.proj.bias)  # a conv: the pass above leaves it
 
     def forward(
         self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor, return_masks: bool = False
