@@ -211,10 +211,9 @@ class RoutingPass:
         self.finished.append(state)
         return state.scatter(x)
 
-    @property
-    def routed(self) -> bool:
-        """True between a route's start and its end."""
-        return self.current is not None
+    def after_route(self, block: int) -> bool:
+        """True for the block right after a route of this pass ended (the one the reference TREAD runs in fp32)."""
+        return self.enabled and block - 1 in self.ends
 
     def scan(self, order: torch.Tensor) -> ScanIndex:
         """How a layer whose scan order over the full sequence is ``order`` [L] reads the current tokens."""

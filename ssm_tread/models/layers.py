@@ -139,11 +139,6 @@ class FinalLayer(nn.Module):
         shift, scale = self.adaLN_modulation(c).chunk(2, dim=1)
         return self.linear(modulate(self.norm_final(x), shift, scale))
 
-    def zero_init(self) -> None:
-        for layer in (self.adaLN_modulation[-1], self.linear):
-            nn.init.zeros_(layer.weight)
-            nn.init.zeros_(layer.bias)
-
 
 def unpatchify(x: torch.Tensor, grid_size: tuple[int, int], patch_size: int, channels: int) -> torch.Tensor:
     """Tokens [B, h*w, p*p*C] in raster order -> image [B, C, h*p, w*p]."""
@@ -194,29 +189,3 @@ def check_conditioning(x: torch.Tensor, t: torch.Tensor, y: torch.Tensor) -> Non
             f"got t {list(t.shape)} and y {list(y.shape)}"
         )
 
-
-def init_dit_style(model: nn.Module) -> None:
-    """The reference DiT initialisation of the shared parts: xavier-uniform linears with zero bias,
-    the patch projection like a linear, N(0, 0.02) timestep MLP and label table, zeroed adaLN
-    modulations and final layer (adaLN-Zero)."""
-    for module in model.modules():
-        if isinstance(module, nn.Linear):
-            nn.init.xavier_uniform_(module.weight)
-            if module.bias is not None:
-                nn.init.zeros_(module.bias)
-    for module in model.modules():
-        if isinstance(module, PatchEmbed):
-            weight = module.proj.weight.data
-            nn.init.xavier_uniform_(weight.view(weight.shape[0], -1))
-            nn.init.zeros_(module.proj.bias)
-        elif isinstance(module, LabelEmbedder):
-            nn.init.normal_(module.embedding_table.weight, std=0.02)
-        elif isinstance(module, TimestepEmbedder):
-            nn.init.normal_(module.mlp[0].weight, std=0.02)
-            nn.init.normal_(module.mlp[2].weight, std=0.02)
-        elif isinstance(module, FinalLayer):
-            module.zero_init()
-    for name, module in model.named_modules():
-        if name.endswith("adaLN_modulation"):
-            nn.init.zeros_(module[-1].weight)
-            nn.init.zeros_(module[-1].bias)
