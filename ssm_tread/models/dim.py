@@ -2,7 +2,8 @@
 scan-consistent TREAD token routing.
 
 This is the official DiM (github.com/tyshiwo1/DiM-DiffusionMamba at commit 292b228, ``Mamba2DModel``
-with the ImageNet configs): same forward pass, same initialisation, the same parameters (:func:`ssm_tread.models.load_official` loads its checkpoints key for key). Forward:
+with the ImageNet configs): same forward pass, same initialisation, the same parameters
+(:func:`ssm_tread.models.load_official` loads its checkpoints key for key). Forward:
 
 1. Patchify (p x p conv) -> tokens [B, n, D]. The time token tau = sinusoid_D(t) (the raw sinusoid,
    no MLP) and the class token kappa = ``class_tokens[y]`` (a table of its own). A learned position
@@ -73,8 +74,8 @@ from ssm_tread.models.layers import (
     adaln_modulation,
     check_conditioning,
     modulate,
-    route_pixel_masks,
     unpatchify,
+    with_route_masks,
 )
 from ssm_tread.models.mamba import Mamba
 from ssm_tread.models.ssm_block import MixerFactory, init_mamba_backbone, mix_in_scan_order, scan_table
@@ -96,6 +97,12 @@ NUM_LEARNED = 3  # learned tokens after the time and class tokens
 NUM_PREFIX = 2 + NUM_LEARNED  # time token, class token, learned tokens
 NUM_PAD = 3  # padding tokens at the end of every row, and padding rows below the grid
 SPLIT_SKIP_WIDTH = 512  # above this width the skip fusion is two Linear(D, D) (the official layout)
+
+
+def long_skips(depth: int) -> dict[int, int]:
+    """{fusing block: the block whose output it fuses}: blocks 1..m store, blocks m+1..depth-1 fuse them last in,
+    first out (m = (depth - 1) / 2; module docstring)."""
+    return {depth - k: k for k in range(1, (depth - 1) // 2 + 1)}
 
 
 class DiMBlock(nn.Module):
@@ -183,12 +190,11 @@ class DiM(nn.Module):
         self.learned_tokens = nn.Parameter(torch.randn(NUM_LEARNED, hidden_size) * 0.02)
         self.pad_tokens = nn.Parameter(torch.randn(NUM_PAD, hidden_size) * 0.02)  # by distance past the grid edge
         self.adaLN_modulation = adaln_modulation(hidden_size, 3)  # adaLN-single, shared by all blocks
-        middle = (depth - 1) // 2
+        self.long_skips = long_skips(depth)
         mixer_kwargs = dict(d_state=d_state, d_conv=d_conv, expand=expand)
         self.blocks = nn.ModuleList(
-            [DiMBlock(hidden_size, skip=i > middle, mixer_cls=mixer_cls, **mixer_kwargs) for i in range(depth)]
+            [DiMBlock(hidden_size, i in self.long_skips, mixer_cls, **mixer_kwargs) for i in range(depth)]
         )
-        self.stores_skip = [1 <= i <= middle for i in range(depth)]
         self.out_conv = nn.Conv2d(hidden_size, hidden_size, kernel_size=3, padding=1, groups=hidden_size)
         self.final_layer = FinalLayer(hidden_size, patch_size, self.out_channels, norm=nn.RMSNorm(hidden_size, eps=1e-5))
         self.router = TokenRouter(routes, depth, scan_consistent)
@@ -246,19 +252,17 @@ class DiM(nn.Module):
 
         modulation = rearrange(self.adaLN_modulation(c), "b (k d) -> b k d", k=3)  # [B, 3, D]
         routing = self.router.begin(routable=self.grid_positions, training=self.training)
-        skips = []  # (output [B, L or K, D], routing tag) of blocks 1..(depth-1)/2, fused LIFO
+        stored = {}  # block -> (its output [B, L or K, D], routing tag), for the block that fuses it
         for i, block in enumerate(self.blocks):
             x = routing.enter(i, x)  # at a route start: [B, L, D] -> kept tokens [B, K, D]
-            skip = routing.align(*skips.pop()) if block.skip_linear is not None else None
+            skip = routing.align(*stored.pop(self.long_skips[i])) if i in self.long_skips else None
             x = block(x, modulation, routing.scan(self.scan_orders[self.block_scan[i]]), skip)
             x = routing.exit(i, x)  # at a route end: back to [B, L, D]
-            if self.stores_skip[i]:
-                skips.append((x, routing.tag()))
+            if i in self.long_skips.values():
+                stored[i] = (x, routing.tag())
 
         x = rearrange(x[:, self.grid_positions], "b (h w) d -> b d h w", h=h).contiguous()  # drop prefix, unpad
         x = rearrange(self.out_conv(x), "b d h w -> b (h w) d")  # [B, h*w, D]
         x = self.final_layer(x, tau + kappa)  # [B, h*w, p*p*out_channels]
         x = unpatchify(x, self.grid_size, self.patch_size, self.out_channels)  # [B, out_channels, H, W]
-        if not return_masks:
-            return x
-        return x, route_pixel_masks(routing, self.grid_positions, self.grid_size, self.patch_size, batch)
+        return with_route_masks(x, routing, self.patch_size, return_masks)

@@ -23,9 +23,9 @@ from ssm_tread.models.layers import (
     adaln_modulation,
     check_conditioning,
     modulate,
-    route_pixel_masks,
     sincos_2d,
     unpatchify,
+    with_route_masks,
 )
 from ssm_tread.routing import RouteSpec, TokenRouter
 
@@ -193,10 +193,7 @@ class DiT(nn.Module):
 
         x = self.final_layer(x, c)  # [B, N, p*p*out_channels]
         x = unpatchify(x, self.grid_size, self.patch_size, self.out_channels)  # [B, out_channels, H, W]
-        if not return_masks:
-            return x
-        grid_positions = torch.arange(self.x_embedder.num_patches, device=x.device)
-        return x, route_pixel_masks(routing, grid_positions, self.grid_size, self.patch_size, x.shape[0])
+        return with_route_masks(x, routing, self.patch_size, return_masks)
 
     @staticmethod
     def _block_fp32(block: DiTBlock, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:

@@ -161,23 +161,24 @@ def token_masks_to_pixels(masks: torch.Tensor, grid_size: int | tuple[int, int],
     return pixels.reshape(routes, batch, h * p, w * p)
 
 
-def route_pixel_masks(
-    routing: RoutingPass,
-    grid_positions: torch.Tensor,
-    grid_size: tuple[int, int],
-    patch_size: int,
-    batch: int,
-) -> torch.Tensor:
-    """BoolTensor [R, B, h*p, w*p]: True where the pixel's token went through route r of this pass.
-
-    ``grid_positions`` [h*w]: the sequence position of each grid token, in raster order.
-    """
-    masks = routing.kept_masks()  # R x [B, L]
-    if masks:
-        token_masks = torch.stack(masks)[:, :, grid_positions]  # [R, B, h*w]
+def with_route_masks(
+    x: torch.Tensor, routing: RoutingPass, patch_size: int, return_masks: bool
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    """What a backbone's forward returns: its output ``x`` [B, C, H, W], and with ``return_masks`` also
+    BoolTensor [R, B, H, W], True where the pixel's token went through route r of this pass (R = 0 when the
+    pass did not route). The pass's routable positions (default: the whole sequence) are the grid tokens in
+    raster order."""
+    if not return_masks:
+        return x
+    batch, _, height, width = x.shape
+    grid_size = (height // patch_size, width // patch_size)
+    kept = routing.kept_masks()  # R x [B, L]
+    if kept:
+        grid = routing.routable if routing.routable is not None else slice(None)
+        token_masks = torch.stack(kept)[:, :, grid]  # [R, B, h*w]
     else:
-        token_masks = torch.zeros(0, batch, grid_positions.numel(), dtype=torch.bool, device=grid_positions.device)
-    return token_masks_to_pixels(token_masks, grid_size, patch_size)
+        token_masks = torch.zeros(0, batch, grid_size[0] * grid_size[1], dtype=torch.bool, device=x.device)
+    return x, token_masks_to_pixels(token_masks, grid_size, patch_size)
 
 
 def check_conditioning(x: torch.Tensor, t: torch.Tensor, y: torch.Tensor) -> None:

@@ -68,9 +68,9 @@ from ssm_tread.models.layers import (
     adaln_modulation,
     check_conditioning,
     modulate,
-    route_pixel_masks,
     sincos_2d,
     unpatchify,
+    with_route_masks,
 )
 from ssm_tread.models.mamba import Mamba
 from ssm_tread.models.ssm_block import MixerFactory, init_mamba_backbone, mix_in_scan_order, scan_table
@@ -200,8 +200,6 @@ class ZigMa(nn.Module):
 
         orders, self.block_scan = scan_table(schedule, lambda name: scan_order(name, *self.grid_size))
         self.register_buffer("scan_orders", orders, persistent=False)  # [distinct paths, N]
-        # every grid token, raster order (the sequence is the grid)
-        self.register_buffer("grid_positions", torch.arange(num_patches), persistent=False)
 
         self._init_weights()
 
@@ -243,6 +241,4 @@ class ZigMa(nn.Module):
         h, r = x.chunk(2, dim=-1)
         x = self.final_layer(self.norm_f(r + stochastic_depth(h, self.final_drop_rate, self.training)))  # [B, N, p*p*C_out]
         x = unpatchify(x, self.grid_size, self.patch_size, self.out_channels)  # [B, out_channels, H, W]
-        if not return_masks:
-            return x
-        return x, route_pixel_masks(routing, self.grid_positions, self.grid_size, self.patch_size, x.shape[0])
+        return with_route_masks(x, routing, self.patch_size, return_masks)
