@@ -1,7 +1,7 @@
 """Sampling: images from a trained model, sample grids, and ADM-format .npz files in restartable chunks.
 
-Latent models are decoded with Stable Diffusion's VAE (``latents / 0.18215``); pixel models (digits)
-are used as they are. Images leave here in [-1, 1] as float [N, C, H, W] or as uint8 [N, H, W, 3]
+Latent models are decoded with Stable Diffusion's VAE (``latents / scale_factor``, the scale their latent
+directory records: :func:`ssm_tread.data.latents.recorded_scale`); pixel models (digits) are used as they are. Images leave here in [-1, 1] as float [N, C, H, W] or as uint8 [N, H, W, 3]
 (grayscale repeated to three channels).
 
 An .npz of samples records what its images come from, its *plan*: the checkpoint (sha256 of its contents,
@@ -28,12 +28,12 @@ from ssm_tread.diffusion.common import check_choice
 from ssm_tread.machine import share
 from ssm_tread.models import create_model
 from ssm_tread.checkpoint import content_checksum, load_checkpoint, load_weights
+from ssm_tread.data.latents import SCALE_FACTOR, recorded_scale
 from ssm_tread.errors import UserError
 from ssm_tread.files import check_output_path, remove_temp_files, weights_sha256
 from ssm_tread.ops import allow_tf32
 from ssm_tread.progress import progress_bar
 
-LATENT_SCALE = 0.18215
 SETTINGS = ("sampler", "steps", "cfg_scale", "interval", "guided_channels", "routing_guidance")
 INFORMATION = ("source.checkpoint", "source.step", "source.vae")  # recorded, not compared: the sha256s are
 
@@ -42,8 +42,9 @@ class PlanMismatch(UserError, ValueError):
     """Samples on disk that come from another checkpoint or other settings; the message says what differs."""
 
 
-def load_vae(path: str | os.PathLike, device: torch.device):
-    """A decoder latents [N, 4, h, w] -> images [N, 3, 8h, 8w] in [-1, 1], from a local diffusers VAE."""
+def load_vae(path: str | os.PathLike, device: torch.device, scale_factor: float = SCALE_FACTOR):
+    """A decoder latents [N, 4, h, w] (scaled by ``scale_factor``) -> images [N, 3, 8h, 8w] in [-1, 1], from a
+    local diffusers VAE."""
     path = Path(path)
     if not (path / "config.json").is_file():
         raise FileNotFoundError(
@@ -56,7 +57,7 @@ def load_vae(path: str | os.PathLike, device: torch.device):
 
     @torch.no_grad()
     def decode(latents: torch.Tensor) -> torch.Tensor:
-        return vae.decode(latents.to(vae.dtype) / LATENT_SCALE).sample.float().clamp(-1, 1)
+        return vae.decode(latents.to(vae.dtype) / scale_factor).sample.float().clamp(-1, 1)
 
     return decode
 
@@ -281,7 +282,7 @@ def _setup(checkpoint, sample_overrides: dict, use_ema: bool, device: torch.devi
                          f"is nothing to guide towards; sample with --cfg-scale 1")
     decode = None
     if cfg["data"]["name"] == "latents":
-        decode = load_vae(sample_cfg["vae"], device)
+        decode = load_vae(sample_cfg["vae"], device, recorded_scale(cfg["data"]["root"]))
         source.update(vae=str(Path(sample_cfg["vae"]).resolve()), vae_sha256=weights_sha256(sample_cfg["vae"]))
     return model, diffusion, sample_cfg, decode, source
 
