@@ -84,7 +84,8 @@ sample = dict(
     guided_channels=None,     # guide only the first channels; None: all (the prediction channels of a learned-sigma
                               # model). Each preset sets its family's official value: DiT 3, DiM and ZigMa None
     routing_guidance=None,    # TREAD routing guidance, see ssm_tread.diffusion.guidance.Guidance
-    use_ema=True,             # sample with the EMA weights
+    use_ema=True,             # tools/sample.py samples with the EMA weights (False: the raw ones; --raw forces them);
+                              # the trainer's grids and evaluation always use the EMA
     batch_size=32,            # per rank
     vae="checkpoints/sd-vae-ft-ema",  # local copy of stabilityai/sd-vae-ft-ema (latent models)
     grid_classes=None,        # rows of the sample grids; None: 8 classes of the data set (on ImageNet's 1000

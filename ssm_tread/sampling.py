@@ -115,16 +115,18 @@ def grid_labels(classes: list[int], per_class: int, device) -> torch.Tensor:
     return torch.tensor(classes, device=device).repeat_interleave(per_class)
 
 
-def load_for_sampling(checkpoint: str | os.PathLike, device: torch.device, use_ema: bool = True):
-    """(model in eval mode on ``device``, diffusion, the run's resolved config) from a checkpoint file or run dir."""
+def load_for_sampling(checkpoint: str | os.PathLike, device: torch.device, use_ema: bool | None = None):
+    """(model in eval mode on ``device``, diffusion, the run's resolved config) from a checkpoint file or run dir,
+    with the EMA weights (``use_ema``; None: as the run's ``sample.use_ema`` says) or the raw ones."""
     return load_with_source(checkpoint, device, use_ema)[:3]
 
 
-def load_with_source(checkpoint: str | os.PathLike, device: torch.device, use_ema: bool = True):
+def load_with_source(checkpoint: str | os.PathLike, device: torch.device, use_ema: bool | None = None):
     """:func:`load_for_sampling` and the source, what the samples come from: the checkpoint, its step, the
     sha256 of its contents (computed for a checkpoint saved without one) and the weights ("ema" or "raw")."""
     state = load_checkpoint(checkpoint)
     cfg = state["config"]
+    use_ema = cfg["sample"]["use_ema"] if use_ema is None else use_ema
     model = create_model(state["model_name"], **state["model_kwargs"])
     key = "ema" if use_ema else "model"
     load_weights(model, state[key], f"{key} weights of {state['path']}")
@@ -269,7 +271,7 @@ def recorded_plan(path: str | os.PathLike) -> dict | None:
         return None
 
 
-def _setup(checkpoint, sample_overrides: dict, use_ema: bool, device: torch.device):
+def _setup(checkpoint, sample_overrides: dict, use_ema: bool | None, device: torch.device):
     if device.type == "cuda":
         allow_tf32()
     model, diffusion, cfg, source = load_with_source(checkpoint, device, use_ema)
@@ -288,7 +290,7 @@ def _setup(checkpoint, sample_overrides: dict, use_ema: bool, device: torch.devi
 
 
 def sample_grid_file(checkpoint, out: str | os.PathLike, classes: list[int] | None, per_class: int,
-                     sample_overrides: dict | None = None, use_ema: bool = True, device: str | None = None,
+                     sample_overrides: dict | None = None, use_ema: bool | None = None, device: str | None = None,
                      num_images: int | None = None, label_mode: str = "random") -> Path:
     """A PNG with one row of ``per_class`` samples per class in ``classes``; or, with ``classes=None``,
     ``num_images`` samples in rows of ``per_class``, their labels drawn as :func:`make_labels`'s ``label_mode``
@@ -318,7 +320,7 @@ def sample_grid_file(checkpoint, out: str | os.PathLike, classes: list[int] | No
 
 
 def sample_npz_file(checkpoint, out: str | os.PathLike, num_images: int, labels: str = "random",
-                    sample_overrides: dict | None = None, use_ema: bool = True, progress: bool = True,
+                    sample_overrides: dict | None = None, use_ema: bool | None = None, progress: bool = True,
                     say=print) -> Path | None:
     """``num_images`` samples into an ADM-format .npz, on every rank of a torchrun job (or one process).
 
