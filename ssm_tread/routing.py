@@ -180,7 +180,8 @@ class RoutingPass:
         self.ends = {r.end for r in router.routes}
         self.current: RouteState | None = None
         self.finished: list[RouteState] = []
-        self._scan_cache: dict[tuple, ScanIndex] = {}
+        # scan orders -> how the current tokens read them; see scan()
+        self._scan_cache: dict[tuple, tuple[torch.Tensor, ScanIndex]] = {}
 
     def enter(self, block: int, x: torch.Tensor) -> torch.Tensor:
         """Before block ``block``: at a route start, save ``x`` [B, L, D] and return the kept tokens."""
@@ -209,6 +210,7 @@ class RoutingPass:
             return x
         state, self.current = self.current, None
         self.finished.append(state)
+        self._scan_cache.clear()
         return state.scatter(x)
 
     def after_route(self, block: int) -> bool:
@@ -216,18 +218,19 @@ class RoutingPass:
         return self.enabled and block - 1 in self.ends
 
     def scan(self, order: torch.Tensor) -> ScanIndex:
-        """How a layer whose scan order over the full sequence is ``order`` [L] reads the current tokens."""
-        if self.current is None:
-            key = ("full", order.data_ptr())
-            make = lambda: ScanIndex(order)  # noqa: E731
-        elif self.router.scan_consistent:
-            key = ("restricted", order.data_ptr())
-            make = lambda: ScanIndex(scan_permutation(order, self.current.keep))  # noqa: E731
-        else:
+        """How a layer whose scan order over the full sequence is ``order`` [L] reads the current tokens.
+
+        Built once per order and token set (layers sharing an order share it), and cached by the order's
+        memory, layout and version: the cache keeps each order alive, so no other tensor can take its memory
+        while it is cached, and an order rewritten in place has a new version.
+        """
+        if self.current is not None and not self.router.scan_consistent:
             return ScanIndex(None)
+        key = (order.data_ptr(), order.shape, order.stride(), order._version)
         if key not in self._scan_cache:
-            self._scan_cache[key] = make()
-        return self._scan_cache[key]
+            to_scan = order if self.current is None else scan_permutation(order, self.current.keep)
+            self._scan_cache[key] = (order, ScanIndex(to_scan))
+        return self._scan_cache[key][1]
 
     def tag(self) -> RouteState | None:
         """Where the current tokens live: the route in flight, or None for the full sequence."""
