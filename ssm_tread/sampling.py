@@ -1,5 +1,9 @@
 """Sampling: images from a trained model, sample grids, and ADM-format .npz files in restartable chunks.
 
+The solvers themselves are the objectives' ``sample`` methods (:mod:`ssm_tread.diffusion`: ddpm, ddim and
+dpm_solver in ``gaussian.py`` and ``dpm_solver.py``, euler, heun and euler_maruyama in ``flow.py``) and the
+guidance is :class:`ssm_tread.diffusion.Guidance`; this module runs them over checkpoints and files.
+
 Latent models are decoded with Stable Diffusion's VAE (``latents / scale_factor``, the scale their latent
 directory records: :func:`ssm_tread.data.latents.recorded_scale`); pixel models (digits) are used as they are. Images leave here in [-1, 1] as float [N, C, H, W] or as uint8 [N, H, W, 3]
 (grayscale repeated to three channels).
