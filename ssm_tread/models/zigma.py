@@ -73,7 +73,7 @@ from ssm_tread.models.layers import (
     with_route_masks,
 )
 from ssm_tread.models.mamba import Mamba
-from ssm_tread.models.ssm_block import MixerFactory, init_mamba_backbone, mix_in_scan_order, scan_table
+from ssm_tread.models.ssm_common import MixerFactory, init_mamba_backbone, mix_in_scan_order, scan_table
 from ssm_tread.routing import RouteSpec, ScanIndex, TokenRouter
 from ssm_tread.scans import scan_order, zigma_schedule
 

@@ -1,4 +1,4 @@
-"""Pieces shared by the state-space backbones (DiM, ZigMa).
+"""What the state-space backbones DiM and ZigMa share (each defines its own block).
 
 - :func:`mix_in_scan_order`: a mixer reads the tokens in front of it in the layer's scan order (the
   order restricted to the survivors while a route is in flight) and writes back to where they lay.
