@@ -219,7 +219,7 @@ def dim_patterns(rows, cols):
     return [raster, raster[::-1], column, column[::-1]]
 
 
-def dim_schedule_reference(depth):
+def dim_scans_reference(depth):
     """The official DiM (mamba_2d.py): the pattern index of each block."""
     m = 1 + (depth - 1) // 2
     k = [0]
@@ -260,7 +260,7 @@ def dim_reference(sd, x, t, y, depth):
     learned = sd["a4m_adapter.pad_token_dec_split"].expand(x.shape[0], -1, -1)
     s = torch.cat([s[:, :2], learned, torch.stack(cells, dim=1)], dim=1)
     patterns = dim_patterns(g + 3, g + 3)
-    schedule = dim_schedule_reference(depth)
+    scans = dim_scans_reference(depth)
     half = (depth - 1) // 2
     stack = []
     for i in range(depth):
@@ -271,7 +271,7 @@ def dim_reference(sd, x, t, y, depth):
                 s = linear(torch.cat([s, skip], dim=-1), sd, f"{b}.skip_linear")
             else:
                 s = linear(s, sd, f"{b}.skip_linear.0") + linear(skip, sd, f"{b}.skip_linear.1")
-        order = torch.tensor(list(range(5)) + [5 + q for q in patterns[schedule[i]]])
+        order = torch.tensor(list(range(5)) + [5 + q for q in patterns[scans[i]]])
         shift, scale, gate = (sd[f"{b}.scale_shift_table"][None] + mod).unbind(1)
         n = rms_norm(s, sd[f"{b}.norm1.norm.weight"])
         m_order = mamba(sd, f"{b}.attn1.", modulate(n, shift, scale)[:, order])
@@ -306,10 +306,10 @@ def test_example_layouts_have_the_documented_parameter_counts():
     assert sum(math.prod(s) for s in zigma_layout(64, 9, 16).values()) == 434_192
 
 
-def test_dim_schedule_reference_matches_the_documented_example():
-    assert dim_schedule_reference(9) == [0, 1, 2, 3, 0, 3, 2, 1, 0]
-    schedule = dim_schedule_reference(49)
-    assert schedule[25] == 3 and schedule[48] == 0
+def test_dim_scans_reference_matches_the_documented_example():
+    assert dim_scans_reference(9) == [0, 1, 2, 3, 0, 3, 2, 1, 0]
+    scans = dim_scans_reference(49)
+    assert scans[25] == 3 and scans[48] == 0
 
 
 @pytest.mark.parametrize("width, depth, size", [(64, 9, 16), (544, 3, 4)])  # 544 > 512: split skip fusion

@@ -1,4 +1,4 @@
-"""ZigMa: shapes, the official parameter counts, the zigzag schedule, the official initialisation, the
+"""ZigMa: shapes, the official parameter counts, the zigzag scans, the official initialisation, the
 extensions (null class, learned sigma, drop path, unconditional) and errors. (The forward pass against
 a plain re-implementation of the official model: tests/test_official.py.)"""
 

@@ -25,7 +25,7 @@ block fuses block 1. The fusion is ``W [s; skip] + b``: one ``Linear(2D, D)`` up
 published config) two ``Linear(D, D)`` (``skip_linear.0`` on the stream, ``skip_linear.1`` on the
 skip) whose biases add, as in the official code.
 
-Scan orders (:func:`ssm_tread.scans.dim_schedule`: raster, its reverse, column-major, its reverse) are
+Scan orders (:func:`ssm_tread.scans.dim_scans`: raster, its reverse, column-major, its reverse) are
 defined over the whole sequence: the 5 prefix tokens first in every scan (reverse scans too, so the
 condition is read before the image), then the padded grid in the block's direction.
 
@@ -80,7 +80,7 @@ from ssm_tread.models.layers import (
 from ssm_tread.models.mamba import Mamba
 from ssm_tread.models.ssm_common import MixerFactory, init_mamba_backbone, mix_in_scan_order, scan_table
 from ssm_tread.routing import RouteSpec, ScanIndex, TokenRouter
-from ssm_tread.scans import dim_schedule, scan_order
+from ssm_tread.scans import dim_scans, scan_order
 
 DIM_CONFIGS: dict[str, dict] = {
     # ours, not official (the official DiM has L and H only): DiT-S's and DiT-B's widths and 25 blocks (ZigMa-S's
@@ -165,7 +165,7 @@ class DiM(nn.Module):
         mixer_cls: MixerFactory = Mamba,
     ):
         super().__init__()
-        schedule = dim_schedule(depth)  # raises for an even depth
+        scans = dim_scans(depth)  # raises for an even depth
         self.input_size = input_size
         self.patch_size = patch_size
         self.in_channels = in_channels
@@ -174,7 +174,7 @@ class DiM(nn.Module):
         self.learn_sigma = learn_sigma
         self.hidden_size = hidden_size
         self.depth = depth
-        self.schedule = schedule
+        self.scans = scans  # the scan order name of each block
 
         self.x_embedder = PatchEmbed(input_size, patch_size, in_channels, hidden_size)
         self.grid_size = self.x_embedder.grid_size
@@ -207,7 +207,7 @@ class DiM(nn.Module):
         # which padding token fills each padded-grid cell (image cells are overwritten): [(h+3)*(w+3)]
         pad_index = torch.where(rows >= h, rows - h, (cols - w).clamp(min=0).expand(padded_h, -1))
         self.register_buffer("pad_index", pad_index.flatten(), persistent=False)
-        orders, self.block_scan = scan_table(schedule, self.sequence_order)
+        orders, self.block_scan = scan_table(scans, self.sequence_order)
         self.register_buffer("scan_orders", orders, persistent=False)  # [distinct orders, L]
 
         self._init_weights()

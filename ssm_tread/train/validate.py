@@ -16,7 +16,7 @@ import torch
 
 from ssm_tread.train.config import GROUPS, ConfigError, defaults, model_spec
 
-SCHEDULES = ("constant", "cosine")
+LR_SCHEDULES = ("constant", "cosine")
 PRECISIONS = ("bf16", "fp32")
 DATASETS = ("digits", "mnist", "latents")
 DIGITS_GEOMETRY = {"channels": 1, "num_classes": 10}
@@ -181,7 +181,7 @@ def _check_optim(cfg: dict, problems: _Problems) -> None:
     if oc["eps"] <= 0:
         problems.add("optim.eps", oc["eps"], "must be > 0", "e.g. optim.eps=1e-8")
     problems.at_least(cfg, "optim.warmup_steps", 0, 0)
-    problems.choice("optim.schedule", oc["schedule"], SCHEDULES)
+    problems.choice("optim.schedule", oc["schedule"], LR_SCHEDULES)
     if problems.at_least(cfg, "optim.min_lr", 0, 0.0) and oc["schedule"] == "cosine" and oc["min_lr"] > oc["lr"] > 0:
         problems.add("optim.min_lr", oc["min_lr"], f"exceeds optim.lr={oc['lr']}", "set optim.min_lr <= optim.lr")
     problems.at_least(cfg, "optim.grad_clip", 0, 1.0)
