@@ -1,16 +1,19 @@
-"""Every config key with its default: the ImageNet-256 DiT protocol (REFERENCE.md section 7).
+"""Every config key with its default: the ImageNet-256 protocol of DiT (Peebles & Xie; github.com/facebookresearch/DiT):
+AdamW at lr 1e-4 without weight decay or warm-up, batch 256, EMA 0.9999, 1000-step DDPM with linear betas and
+a learned variance, on sd-vae-ft-ema latents (4x32x32).
 
 Experiment files start with `from base import *` and change a few keys; the command line changes
 more with dotted overrides: `python tools/train.py configs/dit_b2.py train.steps=1000 optim.lr=2e-4`.
 """
 
 model = dict(
-    name="DiT-XL/2",          # create_model name: DiT-{S,B,L,XL}/{2,4,8}, DiM-{L,H}/2, ZigMa-{S,B,M,L,H}/{1,2,4},
-                              # or a family name ("DiT", "DiM", "ZigMa") built from kwargs
+    name="DiT-XL/2",          # create_model name: a preset of ssm_tread.models.MODEL_NAMES (DiT-XL/2, DiM-H/2, ZigMa-B/2,
+                              # ...) or a family name ("DiT", "DiM", "ZigMa") built from kwargs
     kwargs={},                # more create_model keywords: hidden_size, depth, patch_size, ...
     learn_sigma=True,         # output 2*C channels: noise + variance interpolation (DDPM hybrid loss)
     class_dropout_prob=0.1,   # label dropout that trains the null class for classifier-free guidance
-    scan_backend=None,        # force the selective scan: "mamba_ssm", "torch" or "reference" (None: automatic)
+    scan_backend=None,        # force the selective scan: one of ssm_tread.ops.BACKENDS ("mamba_ssm", "triton", "torch",
+                              # "reference"); None: automatic
 )
 
 routing = dict(
@@ -76,11 +79,13 @@ sample = dict(
     sampler=None,             # None: the diffusion's default sampler
     steps=None,               # None: the sampler's default number of steps
     cfg_scale=1.0,            # classifier-free guidance scale; 1 turns it off
-    interval=None,            # guidance interval (lo, hi) in the diffusion's time units; None: everywhere
+    interval=None,            # guidance interval (lo, hi) in normalised time [0, 1] (ssm_tread.diffusion.guidance: ddpm
+                              # 0 = data, flow 1 = data); None: everywhere
     guided_channels=None,     # guide only the first channels; None: all (the prediction channels of a learned-sigma
                               # model). Each preset sets its family's official value: DiT 3, DiM and ZigMa None
     routing_guidance=None,    # TREAD routing guidance, see ssm_tread.diffusion.guidance.Guidance
-    use_ema=True,             # sample with the EMA weights
+    use_ema=True,             # tools/sample.py samples with the EMA weights (False: the raw ones; --raw forces them);
+                              # the trainer's grids and evaluation always use the EMA
     batch_size=32,            # per rank
     vae="checkpoints/sd-vae-ft-ema",  # local copy of stabilityai/sd-vae-ft-ema (latent models)
     grid_classes=None,        # rows of the sample grids; None: 8 classes of the data set (on ImageNet's 1000

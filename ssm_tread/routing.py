@@ -1,6 +1,6 @@
 """TREAD token routing, shared by every backbone.
 
-A route ``(start, end, ratio)`` lets a random share ``ratio`` of the routable tokens skip blocks
+A route ``(start, end, ratio)`` lets exactly floor(N * ratio) of the N routable tokens skip blocks
 ``start..end`` (inclusive). Just before block ``start`` each sample draws its own uniformly random
 subset of tokens to keep; the blocks of the route see only those; just after block ``end`` the
 processed tokens are scattered back into a copy of the sequence as it was at the route start, so the
@@ -34,7 +34,8 @@ from ssm_tread.scans import inverse_order
 
 @dataclass(frozen=True)
 class Route:
-    """Tokens bypass blocks ``start..end`` (inclusive) with probability ``ratio`` each."""
+    """floor(N * ratio) of the N routable tokens, drawn uniformly per sample, bypass blocks ``start..end``
+    (inclusive)."""
 
     start: int
     end: int
@@ -179,7 +180,8 @@ class RoutingPass:
         self.ends = {r.end for r in router.routes}
         self.current: RouteState | None = None
         self.finished: list[RouteState] = []
-        self._scan_cache: dict[tuple, ScanIndex] = {}
+        # scan orders -> how the current tokens read them; see scan()
+        self._scan_cache: dict[tuple, tuple[torch.Tensor, ScanIndex]] = {}
 
     def enter(self, block: int, x: torch.Tensor) -> torch.Tensor:
         """Before block ``block``: at a route start, save ``x`` [B, L, D] and return the kept tokens."""
@@ -208,26 +210,27 @@ class RoutingPass:
             return x
         state, self.current = self.current, None
         self.finished.append(state)
+        self._scan_cache.clear()
         return state.scatter(x)
 
-    @property
-    def routed(self) -> bool:
-        """True between a route's start and its end."""
-        return self.current is not None
+    def after_route(self, block: int) -> bool:
+        """True for the block right after a route of this pass ended (the one the reference TREAD runs in fp32)."""
+        return self.enabled and block - 1 in self.ends
 
     def scan(self, order: torch.Tensor) -> ScanIndex:
-        """How a layer whose scan order over the full sequence is ``order`` [L] reads the current tokens."""
-        if self.current is None:
-            key = ("full", order.data_ptr())
-            make = lambda: ScanIndex(order)  # noqa: E731
-        elif self.router.scan_consistent:
-            key = ("restricted", order.data_ptr())
-            make = lambda: ScanIndex(scan_permutation(order, self.current.keep))  # noqa: E731
-        else:
+        """How a layer whose scan order over the full sequence is ``order`` [L] reads the current tokens.
+
+        Built once per order and token set (layers sharing an order share it), and cached by the order's
+        memory, layout and version: the cache keeps each order alive, so no other tensor can take its memory
+        while it is cached, and an order rewritten in place has a new version.
+        """
+        if self.current is not None and not self.router.scan_consistent:
             return ScanIndex(None)
+        key = (order.data_ptr(), order.shape, order.stride(), order._version)
         if key not in self._scan_cache:
-            self._scan_cache[key] = make()
-        return self._scan_cache[key]
+            to_scan = order if self.current is None else scan_permutation(order, self.current.keep)
+            self._scan_cache[key] = (order, ScanIndex(to_scan))
+        return self._scan_cache[key][1]
 
     def tag(self) -> RouteState | None:
         """Where the current tokens live: the route in flight, or None for the full sequence."""

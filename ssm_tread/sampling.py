@@ -1,7 +1,11 @@
 """Sampling: images from a trained model, sample grids, and ADM-format .npz files in restartable chunks.
 
-Latent models are decoded with Stable Diffusion's VAE (``latents / 0.18215``); pixel models (digits)
-are used as they are. Images leave here in [-1, 1] as float [N, C, H, W] or as uint8 [N, H, W, 3]
+The solvers themselves are the objectives' ``sample`` methods (:mod:`ssm_tread.diffusion`: ddpm, ddim and
+dpm_solver in ``gaussian.py`` and ``dpm_solver.py``, euler, heun and euler_maruyama in ``flow.py``) and the
+guidance is :class:`ssm_tread.diffusion.Guidance`; this module runs them over checkpoints and files.
+
+Latent models are decoded with Stable Diffusion's VAE (``latents / scale_factor``, the scale their latent
+directory records: :func:`ssm_tread.data.latents.recorded_scale`); pixel models (digits) are used as they are. Images leave here in [-1, 1] as float [N, C, H, W] or as uint8 [N, H, W, 3]
 (grayscale repeated to three channels).
 
 An .npz of samples records what its images come from, its *plan*: the checkpoint (sha256 of its contents,
@@ -28,12 +32,12 @@ from ssm_tread.diffusion.common import check_choice
 from ssm_tread.machine import share
 from ssm_tread.models import create_model
 from ssm_tread.checkpoint import content_checksum, load_checkpoint, load_weights
+from ssm_tread.data.latents import SCALE_FACTOR, recorded_scale
 from ssm_tread.errors import UserError
 from ssm_tread.files import check_output_path, remove_temp_files, weights_sha256
 from ssm_tread.ops import allow_tf32
 from ssm_tread.progress import progress_bar
 
-LATENT_SCALE = 0.18215
 SETTINGS = ("sampler", "steps", "cfg_scale", "interval", "guided_channels", "routing_guidance")
 INFORMATION = ("source.checkpoint", "source.step", "source.vae")  # recorded, not compared: the sha256s are
 
@@ -42,8 +46,9 @@ class PlanMismatch(UserError, ValueError):
     """Samples on disk that come from another checkpoint or other settings; the message says what differs."""
 
 
-def load_vae(path: str | os.PathLike, device: torch.device):
-    """A decoder latents [N, 4, h, w] -> images [N, 3, 8h, 8w] in [-1, 1], from a local diffusers VAE."""
+def load_vae(path: str | os.PathLike, device: torch.device, scale_factor: float = SCALE_FACTOR):
+    """A decoder latents [N, 4, h, w] (scaled by ``scale_factor``) -> images [N, 3, 8h, 8w] in [-1, 1], from a
+    local diffusers VAE."""
     path = Path(path)
     if not (path / "config.json").is_file():
         raise FileNotFoundError(
@@ -56,7 +61,7 @@ def load_vae(path: str | os.PathLike, device: torch.device):
 
     @torch.no_grad()
     def decode(latents: torch.Tensor) -> torch.Tensor:
-        return vae.decode(latents.to(vae.dtype) / LATENT_SCALE).sample.float().clamp(-1, 1)
+        return vae.decode(latents.to(vae.dtype) / scale_factor).sample.float().clamp(-1, 1)
 
     return decode
 
@@ -114,16 +119,18 @@ def grid_labels(classes: list[int], per_class: int, device) -> torch.Tensor:
     return torch.tensor(classes, device=device).repeat_interleave(per_class)
 
 
-def load_for_sampling(checkpoint: str | os.PathLike, device: torch.device, use_ema: bool = True):
-    """(model in eval mode on ``device``, diffusion, the run's resolved config) from a checkpoint file or run dir."""
+def load_for_sampling(checkpoint: str | os.PathLike, device: torch.device, use_ema: bool | None = None):
+    """(model in eval mode on ``device``, diffusion, the run's resolved config) from a checkpoint file or run dir,
+    with the EMA weights (``use_ema``; None: as the run's ``sample.use_ema`` says) or the raw ones."""
     return load_with_source(checkpoint, device, use_ema)[:3]
 
 
-def load_with_source(checkpoint: str | os.PathLike, device: torch.device, use_ema: bool = True):
+def load_with_source(checkpoint: str | os.PathLike, device: torch.device, use_ema: bool | None = None):
     """:func:`load_for_sampling` and the source, what the samples come from: the checkpoint, its step, the
     sha256 of its contents (computed for a checkpoint saved without one) and the weights ("ema" or "raw")."""
     state = load_checkpoint(checkpoint)
     cfg = state["config"]
+    use_ema = cfg["sample"]["use_ema"] if use_ema is None else use_ema
     model = create_model(state["model_name"], **state["model_kwargs"])
     key = "ema" if use_ema else "model"
     load_weights(model, state[key], f"{key} weights of {state['path']}")
@@ -268,7 +275,7 @@ def recorded_plan(path: str | os.PathLike) -> dict | None:
         return None
 
 
-def _setup(checkpoint, sample_overrides: dict, use_ema: bool, device: torch.device):
+def _setup(checkpoint, sample_overrides: dict, use_ema: bool | None, device: torch.device):
     if device.type == "cuda":
         allow_tf32()
     model, diffusion, cfg, source = load_with_source(checkpoint, device, use_ema)
@@ -281,13 +288,13 @@ def _setup(checkpoint, sample_overrides: dict, use_ema: bool, device: torch.devi
                          f"is nothing to guide towards; sample with --cfg-scale 1")
     decode = None
     if cfg["data"]["name"] == "latents":
-        decode = load_vae(sample_cfg["vae"], device)
+        decode = load_vae(sample_cfg["vae"], device, recorded_scale(cfg["data"]["root"]))
         source.update(vae=str(Path(sample_cfg["vae"]).resolve()), vae_sha256=weights_sha256(sample_cfg["vae"]))
     return model, diffusion, sample_cfg, decode, source
 
 
 def sample_grid_file(checkpoint, out: str | os.PathLike, classes: list[int] | None, per_class: int,
-                     sample_overrides: dict | None = None, use_ema: bool = True, device: str | None = None,
+                     sample_overrides: dict | None = None, use_ema: bool | None = None, device: str | None = None,
                      num_images: int | None = None, label_mode: str = "random") -> Path:
     """A PNG with one row of ``per_class`` samples per class in ``classes``; or, with ``classes=None``,
     ``num_images`` samples in rows of ``per_class``, their labels drawn as :func:`make_labels`'s ``label_mode``
@@ -317,7 +324,7 @@ def sample_grid_file(checkpoint, out: str | os.PathLike, classes: list[int] | No
 
 
 def sample_npz_file(checkpoint, out: str | os.PathLike, num_images: int, labels: str = "random",
-                    sample_overrides: dict | None = None, use_ema: bool = True, progress: bool = True,
+                    sample_overrides: dict | None = None, use_ema: bool | None = None, progress: bool = True,
                     say=print) -> Path | None:
     """``num_images`` samples into an ADM-format .npz, on every rank of a torchrun job (or one process).
 

@@ -1,4 +1,4 @@
-"""Scan orders over a grid of image tokens, and the per-layer schedules of the SSM backbones.
+"""Scan orders over a grid of image tokens, and which order each layer of the SSM backbones reads (its scans).
 
 A scan order is a permutation ``perm`` of the ``height * width`` grid tokens: ``perm[k]`` is the
 raster index (``row * width + col``) of the k-th token the scan visits. A state-space layer reads
@@ -25,7 +25,7 @@ SCAN_NAMES = (
     *(f"zigzag{i}" for i in range(ZIGZAG_PATHS)),
     "hilbert",
 )
-# DiM's four directions, in the order its schedule cycles them after the first block.
+# DiM's four directions, in the order its blocks cycle them after the first block.
 DIM_CYCLE = ("raster_rev", "column", "column_rev", "raster")
 
 
@@ -138,39 +138,39 @@ def inverse_order(perm: torch.Tensor) -> torch.Tensor:
     return rank
 
 
-def zigma_schedule(depth: int, num_paths: int = ZIGZAG_PATHS) -> list[str]:
+def zigma_scans(depth: int, num_paths: int = ZIGZAG_PATHS) -> list[str]:
     """ZigMa: layer i reads zigzag path i mod num_paths."""
     if not 1 <= num_paths <= ZIGZAG_PATHS:
         raise ValueError(f"num_paths must be in 1..{ZIGZAG_PATHS}, got {num_paths}")
     return [f"zigzag{i % num_paths}" for i in range(depth)]
 
 
-def dim_schedule(depth: int) -> list[str]:
-    """DiM's mirrored four-direction schedule for an odd depth (49 in the paper).
+def dim_scans(depth: int) -> list[str]:
+    """DiM's mirrored four-direction scans for an odd depth (49 in the paper).
 
     Block 0 reads raster; blocks 1..depth//2 cycle raster_rev, column, column_rev, raster; the decoder
     half mirrors the encoder (block depth-1-k uses block k's order). This is the official DiM's rule
-    (OFFICIAL_MODELS.md section 3.5).
+    (github.com/tyshiwo1/DiM-DiffusionMamba, ``mamba_2d.py``).
     """
     if depth < 1 or depth % 2 == 0:
-        raise ValueError(f"DiM's schedule needs an odd depth (encoder, middle block, decoder), got {depth}")
+        raise ValueError(f"DiM's scans need an odd depth (encoder, middle block, decoder), got {depth}")
     middle = depth // 2
     encoder = ["raster"] + [DIM_CYCLE[(i - 1) % 4] for i in range(1, middle + 1)]
     return encoder + [encoder[depth - 1 - i] for i in range(middle + 1, depth)]
 
 
-def fixed_schedule(depth: int, name: str = "raster") -> list[str]:
+def fixed_scans(depth: int, name: str = "raster") -> list[str]:
     """Every layer reads the same order."""
     if name not in SCAN_NAMES:
         raise ValueError(f"unknown scan order {name!r}; valid names: {', '.join(SCAN_NAMES)}")
     return [name] * depth
 
 
-SCHEDULES = {"zigma": zigma_schedule, "dim": dim_schedule, "fixed": fixed_schedule}
+LAYER_SCANS = {"zigma": zigma_scans, "dim": dim_scans, "fixed": fixed_scans}
 
 
-def layer_schedule(kind: str, depth: int, **kwargs) -> list[str]:
-    """The scan order name of every layer for a schedule kind: 'zigma', 'dim' or 'fixed'."""
-    if kind not in SCHEDULES:
-        raise ValueError(f"unknown scan schedule {kind!r}; valid schedules: {', '.join(SCHEDULES)}")
-    return SCHEDULES[kind](depth, **kwargs)
+def layer_scans(kind: str, depth: int, **kwargs) -> list[str]:
+    """The scan order name of every layer of a ``kind`` of backbone: 'zigma', 'dim' or 'fixed'."""
+    if kind not in LAYER_SCANS:
+        raise ValueError(f"unknown kind of layer scans {kind!r}; valid kinds: {', '.join(LAYER_SCANS)}")
+    return LAYER_SCANS[kind](depth, **kwargs)

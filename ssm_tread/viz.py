@@ -26,7 +26,7 @@ from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 
 from ssm_tread.routing import Route, restrict_order, select_tokens
-from ssm_tread.scans import SCAN_NAMES, inverse_order, layer_schedule, scan_order
+from ssm_tread.scans import SCAN_NAMES, inverse_order, layer_scans, scan_order
 
 DIM_LABELS = {"raster": "H+", "raster_rev": "H-", "column": "V+", "column_rev": "V-"}
 # plasma without its palest yellow, so the last steps stay visible on white.
@@ -78,17 +78,17 @@ def layer_paths(
     height: int,
     width: int,
     layers: Iterable[int] | None = None,
-    **schedule_kwargs,
+    **scan_kwargs,
 ) -> list[tuple[int, str, torch.Tensor]]:
-    """(layer, scan order name, restricted path) for each chosen layer of a ``layer_schedule``."""
+    """(layer, scan order name, restricted path) for each chosen layer of ``layer_scans(kind, depth)``."""
     if depth < 1:
         raise ValueError(f"depth must be at least 1, got {depth}")
-    schedule = layer_schedule(kind, depth, **schedule_kwargs)
+    scans = layer_scans(kind, depth, **scan_kwargs)
     layers = list(range(depth) if layers is None else layers)
     outside = [i for i in layers if not 0 <= i < depth]
     if outside:
         raise ValueError(f"layers {outside} outside 0..{depth - 1} (depth {depth}, layers are numbered from 0)")
-    return [(i, schedule[i], restricted_path(schedule[i], keep, height, width)) for i in layers]
+    return [(i, scans[i], restricted_path(scans[i], keep, height, width)) for i in layers]
 
 
 def order_label(name: str) -> str:
@@ -188,11 +188,11 @@ def plot_restricted(
     height: int,
     width: int,
     layers: Iterable[int] | None = None,
-    **schedule_kwargs,
+    **scan_kwargs,
 ) -> Figure:
-    """The restricted path each chosen layer of a schedule reads over the kept set ``keep``, and the
+    """The restricted path each chosen layer of ``layer_scans(kind, depth)`` reads over the kept set ``keep``, and the
     naive selection order last, each titled with its locality d against the naive one's."""
-    paths = layer_paths(kind, depth, keep, height, width, layers, **schedule_kwargs)
+    paths = layer_paths(kind, depth, keep, height, width, layers, **scan_kwargs)
     bypassed = _bypassed(keep, height * width)
     naive = mean_step_distance(keep, width)
     fig, axes = _figure(len(paths) + 1)
@@ -204,7 +204,7 @@ def plot_restricted(
     _draw_path(axes[-1], keep, height, width, norm, bypassed)
     axes[-1].set_title(f"naive: random selection order\nd = {naive:.2f}", fontsize=9, color="firebrick")
     fig.suptitle(
-        f"{kind} schedule, depth {depth}\neach layer's scan order restricted to the {len(keep)} kept of"
+        f"{kind} scans, depth {depth}\neach layer's scan order restricted to the {len(keep)} kept of"
         f" {height * width} tokens\nd: mean grid distance per step (scan-consistent vs naive)",
         fontsize=11,
     )

@@ -1,4 +1,4 @@
-"""DiM: shapes, the official parameter counts, the sequence layout, the official schedule and skip
+"""DiM: shapes, the official parameter counts, the sequence layout, the official scans and skip
 pairing, long skips across route boundaries, the official initialisation, guidance and errors.
 (The forward pass against a plain re-implementation of the official model: tests/test_official.py.)"""
 
@@ -47,7 +47,7 @@ def test_every_gradient_has_its_parameters_layout():
         assert p.grad.stride() == p.stride(), (name, p.grad.stride(), p.stride())
 
 
-# OFFICIAL_MODELS.md section 3.11: total, mixers, skip Linears, adaLN-single (timestep MLP and class
+# counted on the meta device from the official DiM (tyshiwo1/DiM-DiffusionMamba, 292b228): total, mixers, skip Linears, adaLN-single (timestep MLP and class
 # table included), label_emb (our class_tokens), proj_out_1 (our final adaLN), additional_embed (our pos_embed)
 OFFICIAL_COUNTS = {
     "DiM-H/2": (862_407_184, 730_662_912, 113_319_936, 11_375_616, 1_537_536, 4_721_664, 396_288),
@@ -104,14 +104,14 @@ def test_sequence_layout_and_scan_orders_over_the_whole_sequence():
     model = tiny(input_size=8)  # 4x4 grid, padded to 7x7
     assert model.seq_len == 5 + 7 * 7
     assert model.grid_positions.tolist() == [5 + r * 7 + c for r in range(4) for c in range(4)]
-    for i, name in enumerate(model.schedule):
+    for i, name in enumerate(model.scans):
         order = model.scan_orders[model.block_scan[i]].tolist()
         assert order[:5] == [0, 1, 2, 3, 4]  # prefix first, also in the reverse scans
         assert order[5:] == [5 + j for j in scan_order(name, 7, 7).tolist()]
 
 
-def test_schedule_follows_the_official_rule():
-    """OFFICIAL_MODELS.md 3.5: block 0 raster; blocks 1..m-1 pattern i mod 4; then one step back per
+def test_scans_follow_the_official_rule():
+    """The official DiM (mamba_2d.py): block 0 raster; blocks 1..m-1 pattern i mod 4; then one step back per
     block; the last block raster (m = 1 + (L-1)/2); patterns raster, reverse, column, column reverse."""
     names = ["raster", "raster_rev", "column", "column_rev"]
     for depth in (5, 9, 49):
@@ -119,7 +119,7 @@ def test_schedule_follows_the_official_rule():
         for i in range(1, depth):
             k.append(0 if i == depth - 1 else i % 4 if i < m else (k[-1] - 1) % 4)
         model = tiny(depth=depth, hidden_size=8, mixer_cls=Probe)
-        assert model.schedule == [names[j] for j in k]
+        assert model.scans == [names[j] for j in k]
 
 
 def record_skips(model, width=32):
@@ -201,7 +201,7 @@ def test_prefix_and_padding_tokens_are_never_routed():
     for i in (1, 2, 3):
         (seen,) = model.blocks[i].mixer.seen
         assert seen.shape[1] == len(fixed) + 16 - int(16 * 0.75)
-        full = [0, 1, 2, 3, 4] + [5 + j for j in scan_order(model.schedule[i], 7, 7).tolist()]
+        full = [0, 1, 2, 3, 4] + [5 + j for j in scan_order(model.scans[i], 7, 7).tolist()]
         for b in range(seen.shape[0]):
             kept = set(state.keep[b].tolist())
             assert set(fixed) <= kept
@@ -210,7 +210,7 @@ def test_prefix_and_padding_tokens_are_never_routed():
 
 
 def test_official_initialisation():
-    """OFFICIAL_MODELS.md 3.8: not adaLN-Zero; out_proj U(+-1/sqrt E) / sqrt(L); tables N(0, 1)/sqrt(D)."""
+    """The official DiM (utils/init_weights.py): not adaLN-Zero; out_proj U(+-1/sqrt E) / sqrt(L); tables N(0, 1)/sqrt(D)."""
     torch.manual_seed(0)
     d, depth = 64, 9
     model = tiny(hidden_size=d, depth=depth, input_size=16)

@@ -257,7 +257,10 @@ def test_block_after_route_runs_in_fp32_under_autocast():
     with torch.autocast("cpu", dtype=torch.bfloat16):
         model(x, t, y)
     assert dtypes == {0: torch.bfloat16, 1: torch.bfloat16, 2: torch.float32, 3: torch.bfloat16}
-    model.fp32_after_route = False
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        model.eval()(x, t, y)  # no route taken: no block follows one
+    assert dtypes[2] == torch.bfloat16
+    model.train().fp32_after_route = False
     with torch.autocast("cpu", dtype=torch.bfloat16):
         model(x, t, y)
     assert dtypes[2] == torch.bfloat16

@@ -195,3 +195,24 @@ def test_default_shards_give_every_rank_work_and_a_resume_keeps_them(images, vae
     assert index["shard_size"] == 4 and [s["count"] for s in index["shards"]] == [4, 3]
     # a rank of a resumed run on 3 processes takes the index's shard size, not ceil(7 / 3) = 3
     assert extract_latents(images, str(tmp_path), vae_dir, rank=1, **{**kwargs, "world_size": 3}) is not None
+
+
+def test_the_recorded_scale_is_what_the_dataset_multiplies_and_the_decoder_divides_by(latents, vae_dir, tmp_path):
+    from diffusers import AutoencoderKL
+
+    from ssm_tread.data.latents import recorded_scale, write_json
+    from ssm_tread.sampling import load_vae as load_decoder
+
+    root = copy_of(latents, tmp_path)
+    index = read_json(os.path.join(root, "index.json"))
+    write_json(os.path.join(root, "index.json"), {**index, "scale_factor": 0.5})  # another VAE's scale
+    moments = np.load(os.path.join(root, "shard_00001.moments.npy")).astype(np.float32)
+    ds = LatentShardDataset(root, flip=False, sample=False)
+    assert np.allclose(ds[4][0].numpy(), moments[1, 0, 0] * 0.5, atol=1e-6)
+    assert recorded_scale(root) == 0.5 and recorded_scale(str(tmp_path / "elsewhere")) == 0.18215
+
+    z = torch.randn(2, 4, 4, 4, generator=torch.Generator().manual_seed(0))
+    vae = AutoencoderKL.from_pretrained(vae_dir).eval()
+    with torch.no_grad():
+        expected = vae.decode(z / 0.5).sample.clamp(-1, 1)
+    torch.testing.assert_close(load_decoder(vae_dir, torch.device("cpu"), recorded_scale(root))(z), expected)

@@ -11,7 +11,7 @@ from ssm_tread.models.dit import DiT
 from ssm_tread.models.macs import selective_scan_macs
 from ssm_tread.routing import TokenRouter
 
-# REFERENCE.md section 3: DiT GMACs for 32x32x4 latents
+# the DiT paper's GMACs (its "Gflops") for 32x32x4 latents
 PUBLISHED_GMACS = {
     "DiT-S/2": 6.06, "DiT-S/4": 1.41, "DiT-S/8": 0.36,
     "DiT-B/2": 23.01, "DiT-B/4": 5.57, "DiT-B/8": 1.42,

@@ -1,8 +1,8 @@
 """Official DiM and ZigMa: ``load_official`` reproduces the official forward, checked against plain
-re-implementations written in this file from the facts of OFFICIAL_MODELS.md (official key names, a
-loop over the blocks, a sequential selective scan), on random official-format state dicts.
+re-implementations written in this file from the official code of CompVis/zigma (37d837b) and
+tyshiwo1/DiM-DiffusionMamba (292b228) (official key names, a loop over the blocks, a sequential selective scan), on random official-format state dicts.
 
-The example configs are those of OFFICIAL_MODELS.md sections 2.5 and 3.9: D=64, L=9, a 16x16x4
+The example configs: D=64, L=9, a 16x16x4
 latent, p=2, 10 classes (378,832 DiM and 434,192 ZigMa parameters). Every weight is random, so
 zero-initialised parts cannot hide a wiring difference.
 """
@@ -33,7 +33,7 @@ PARITY_TOLERANCE = 1e-9
 
 
 # ----------------------------------------------------------------------------------------------------
-# Official state-dict layouts (OFFICIAL_MODELS.md tables 1, 2.5, 3.9)
+# Official state-dict layouts (the key names and shapes of the two official repositories)
 
 
 def mixer_shapes(d, k):
@@ -181,7 +181,7 @@ def modulate(x, shift, scale):
 
 
 def zigzag_paths(n):
-    """The 8 paths of REFERENCE.md section 5, corner by corner, row-snake then column-snake."""
+    """The 8 zigzag paths of the ZigMa paper (Hu et al., 2024), corner by corner, row-snake then column-snake."""
     paths = []
     for r0, c0 in [(0, 0), (0, n - 1), (n - 1, 0), (n - 1, n - 1)]:
         dr, dc = (1 if r0 == 0 else -1), (1 if c0 == 0 else -1)
@@ -192,7 +192,7 @@ def zigzag_paths(n):
 
 
 def zigma_reference(sd, x, t01, y, depth):
-    """Official ZigMa (OFFICIAL_MODELS.md 2.2): t01 in [0, 1]."""
+    """Official ZigMa (CompVis/zigma model_zigma.py, evaluation mode): t01 in [0, 1]."""
     h_grid = x.shape[-1] // P
     tokens = patchify(x, sd, "x_embedder.proj") + sd["pos_embed"]
     t_emb = linear(F.silu(linear(sinusoid(1000 * t01, 256), sd, "t_embedder.mlp.0")), sd, "t_embedder.mlp.2")
@@ -219,8 +219,8 @@ def dim_patterns(rows, cols):
     return [raster, raster[::-1], column, column[::-1]]
 
 
-def dim_schedule_reference(depth):
-    """OFFICIAL_MODELS.md 3.5: the pattern index of each block."""
+def dim_scans_reference(depth):
+    """The official DiM (mamba_2d.py): the pattern index of each block."""
     m = 1 + (depth - 1) // 2
     k = [0]
     for i in range(1, depth):
@@ -234,7 +234,7 @@ def dim_schedule_reference(depth):
 
 
 def dim_reference(sd, x, t, y, depth):
-    """Official DiM (OFFICIAL_MODELS.md 3.2-3.7)."""
+    """Official DiM (tyshiwo1/DiM-DiffusionMamba mamba_2d.py and adapter_attn4mamba.py)."""
     d = sd["pos_embed.proj.weight"].shape[0]
     g = x.shape[-1] // P
     tau = sinusoid(t, d)
@@ -260,7 +260,7 @@ def dim_reference(sd, x, t, y, depth):
     learned = sd["a4m_adapter.pad_token_dec_split"].expand(x.shape[0], -1, -1)
     s = torch.cat([s[:, :2], learned, torch.stack(cells, dim=1)], dim=1)
     patterns = dim_patterns(g + 3, g + 3)
-    schedule = dim_schedule_reference(depth)
+    scans = dim_scans_reference(depth)
     half = (depth - 1) // 2
     stack = []
     for i in range(depth):
@@ -271,7 +271,7 @@ def dim_reference(sd, x, t, y, depth):
                 s = linear(torch.cat([s, skip], dim=-1), sd, f"{b}.skip_linear")
             else:
                 s = linear(s, sd, f"{b}.skip_linear.0") + linear(skip, sd, f"{b}.skip_linear.1")
-        order = torch.tensor(list(range(5)) + [5 + q for q in patterns[schedule[i]]])
+        order = torch.tensor(list(range(5)) + [5 + q for q in patterns[scans[i]]])
         shift, scale, gate = (sd[f"{b}.scale_shift_table"][None] + mod).unbind(1)
         n = rms_norm(s, sd[f"{b}.norm1.norm.weight"])
         m_order = mamba(sd, f"{b}.attn1.", modulate(n, shift, scale)[:, order])
@@ -306,10 +306,10 @@ def test_example_layouts_have_the_documented_parameter_counts():
     assert sum(math.prod(s) for s in zigma_layout(64, 9, 16).values()) == 434_192
 
 
-def test_dim_schedule_reference_matches_the_documented_example():
-    assert dim_schedule_reference(9) == [0, 1, 2, 3, 0, 3, 2, 1, 0]
-    schedule = dim_schedule_reference(49)
-    assert schedule[25] == 3 and schedule[48] == 0
+def test_dim_scans_reference_matches_the_documented_example():
+    assert dim_scans_reference(9) == [0, 1, 2, 3, 0, 3, 2, 1, 0]
+    scans = dim_scans_reference(49)
+    assert scans[25] == 3 and scans[48] == 0
 
 
 @pytest.mark.parametrize("width, depth, size", [(64, 9, 16), (544, 3, 4)])  # 544 > 512: split skip fusion

@@ -48,6 +48,22 @@ def test_each_bad_value_is_one_line_naming_key_value_and_fix(override, line):
     assert "; " in problems[0]  # the fix follows the problem
 
 
+@pytest.mark.parametrize("override", ["model.kwargs.foo=1", "model.kwargs.route_ratio=0.5"])
+def test_an_unknown_model_keyword_is_blamed_on_the_model_kwargs(override):
+    problems = config_problems(load_config("configs/quickstart.py", [override]))
+    key = override.split(".")[2].split("=")[0]
+    assert len(problems) == 1 and problems[0].startswith("model.kwargs={"), problems
+    assert f"DiM: unknown argument(s) {key}" in problems[0]
+
+
+def test_an_unknown_model_name_lists_every_registered_name():
+    from ssm_tread.models import MODEL_NAMES
+
+    (problem,) = config_problems(tiny("model.name=DiT-S/3"))
+    fix = problem.split("; ", 1)[1]
+    assert all(name in fix for name in ["DiT-S/4", "DiM-H/2", "ZigMa-S/4", *MODEL_NAMES]), problem
+
+
 def test_a_value_of_the_wrong_type_in_a_config_file(tmp_path):
     path = tmp_path / "typed.py"
     path.write_text("from quickstart import *\ntrain['steps'] = '100'\noptim['lr'] = None\n")

@@ -238,3 +238,23 @@ def test_router_on_cuda_matches_cpu_semantics():
     out.sum().backward()
     kept = routing.kept_masks()[0].unsqueeze(-1).expand_as(x)
     assert torch.all(x.grad[kept] == 81.0) and torch.all(x.grad[~kept] == 9.0)
+
+
+def naive_restriction(order: torch.Tensor, keep: torch.Tensor) -> list[list[int]]:
+    """Each sample's kept positions in the order ``order`` visits them, by a filter over the order."""
+    return [[p for p in order.tolist() if p in set(row.tolist())] for row in keep]
+
+
+def test_a_scan_read_follows_the_order_given_not_an_earlier_one_at_the_same_address():
+    routing = TokenRouter([Route(0, 1, 0.5)], depth=2).begin(training=True)
+    routing.enter(0, torch.randn(2, 16, 3))
+    keep = routing.tag().keep
+    order = torch.arange(16)
+    assert keep.gather(1, routing.scan(order).to_scan).tolist() == naive_restriction(order, keep)
+    order.copy_(order.flip(0))  # the same memory now holds another order
+    assert keep.gather(1, routing.scan(order).to_scan).tolist() == naive_restriction(order, keep)
+    for name in ("column", "zigzag5"):  # temporaries: each may land where a freed one was
+        assert keep.gather(1, routing.scan(scan_order(name, 4, 4)).to_scan).tolist() == \
+            naive_restriction(scan_order(name, 4, 4), keep)
+    routing.exit(1, routing.tag().gather(torch.randn(2, 16, 3)))
+    assert torch.equal(routing.scan(order).to_scan, order)  # after the route: the full order again

@@ -97,3 +97,17 @@ def test_the_default_batch_is_cut_to_leave_no_rank_idle(run_dir, tmp_path):
     out = sampling.sample_npz_file(run_dir, tmp_path / "given.npz", 3, sample_overrides={"steps": 1, "batch_size": 2},
                                    progress=False)
     assert sampling.recorded_plan(out)["batch_size"] == 2  # a batch asked for is kept
+
+
+def test_sample_use_ema_false_samples_the_raw_weights(tmp_path):
+    from ssm_tread.checkpoint import load_checkpoint
+
+    train(load_config("configs/quickstart.py", [*TINY, f"train.run_dir={tmp_path}", "sample.use_ema=false"]))
+    state = load_checkpoint(tmp_path)
+    model, _, _, source = sampling.load_with_source(tmp_path, torch.device("cpu"))
+    assert source["weights"] == "raw"
+    weights = model.state_dict()
+    assert all(torch.equal(weights[k], v) for k, v in state["model"].items())
+    assert not all(torch.equal(weights[k], v) for k, v in state["ema"].items())  # one step apart
+    ema, *_ = sampling.load_for_sampling(tmp_path, torch.device("cpu"), use_ema=True)  # an explicit choice wins
+    assert all(torch.equal(ema.state_dict()[k], v) for k, v in state["ema"].items())

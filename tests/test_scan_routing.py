@@ -13,7 +13,7 @@ import torch
 import ssm_tread.routing as routing_module
 from ssm_tread.models.dim import DiM
 from ssm_tread.models.zigma import ZigMa
-from ssm_tread.scans import dim_schedule, scan_order, zigma_schedule
+from ssm_tread.scans import dim_scans, scan_order, zigma_scans
 from helpers import Probe, capture_passes, make_identity_blocks, model_inputs, randomize_zero_parameters
 
 NUM_CLASSES = 10
@@ -41,8 +41,8 @@ def full_order(family, name):
     return scan_order(name, GRID, GRID).tolist()
 
 
-def schedule(family, depth):
-    return dim_schedule(depth) if family == "dim" else zigma_schedule(depth, 8)
+def scans(family, depth):
+    return dim_scans(depth) if family == "dim" else zigma_scans(depth, 8)
 
 
 def image_positions(family):
@@ -80,7 +80,7 @@ ROUTES = [(1, 4, 0.5)]
 def test_every_routed_layer_reads_the_survivors_in_its_own_restricted_order(family):
     model, routing, sequence = probe_run(family, ROUTES)
     (state,) = routing.finished
-    names = schedule(family, len(model.blocks))
+    names = scans(family, len(model.blocks))
     for i, block in enumerate(model.blocks):
         (seen,) = block.mixer.seen
         for b in range(seen.shape[0]):
@@ -96,7 +96,7 @@ def test_every_routed_layer_reads_the_survivors_in_its_own_restricted_order(fami
 def test_naive_mode_does_not_keep_the_scan_orders(family):
     model, routing, sequence = probe_run(family, ROUTES, scan_consistent=False)
     (state,) = routing.finished
-    names = schedule(family, len(model.blocks))
+    names = scans(family, len(model.blocks))
     for i in range(1, 5):
         (seen,) = model.blocks[i].mixer.seen
         for b in range(seen.shape[0]):
@@ -199,5 +199,5 @@ def test_each_distinct_order_is_restricted_once_per_route(family, monkeypatch):
     model.train()
     with torch.no_grad():
         model(*model_inputs(3, INPUT))
-    distinct = len(set(schedule(family, depth)))
+    distinct = len(set(scans(family, depth)))
     assert len(calls) == len(set(calls)) == distinct

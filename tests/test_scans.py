@@ -1,11 +1,11 @@
-"""Scan orders against hand-written paths, the classic Hilbert curve and the papers' schedules."""
+"""Scan orders against hand-written paths, the classic Hilbert curve and the papers' layer scans."""
 
 import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from ssm_tread.scans import SCAN_NAMES, dim_schedule, layer_schedule, scan_order, zigma_schedule
+from ssm_tread.scans import SCAN_NAMES, dim_scans, layer_scans, scan_order, zigma_scans
 
 
 def neighbour_steps(path, width):
@@ -108,12 +108,12 @@ def test_bad_names_and_sizes_raise_with_the_choices():
     for height, width in [(0, 4), (4, -1), (2.0, 2)]:
         with pytest.raises(ValueError, match="positive integer"):
             scan_order("raster", height, width)
-    with pytest.raises(ValueError, match="valid schedules: zigma, dim, fixed"):
-        layer_schedule("snake", 4)
+    with pytest.raises(ValueError, match="valid kinds: zigma, dim, fixed"):
+        layer_scans("snake", 4)
 
 
-def test_dim_schedule_follows_the_paper():
-    names = dim_schedule(49)
+def test_dim_scans_follow_the_paper():
+    names = dim_scans(49)
     assert len(names) == 49
     assert names[0] == "raster" and names[48] == "raster"
     cycle = ["raster_rev", "column", "column_rev", "raster"]
@@ -121,12 +121,12 @@ def test_dim_schedule_follows_the_paper():
     for k in range(24):  # the decoder mirrors the encoder: a skip and its fusing block share an order
         assert names[48 - k] == names[k]
     with pytest.raises(ValueError, match="odd depth"):
-        dim_schedule(48)
+        dim_scans(48)
 
 
-def test_zigma_schedule_cycles_paths():
-    assert zigma_schedule(10) == [f"zigzag{i % 8}" for i in range(10)]
-    assert zigma_schedule(5, num_paths=2) == ["zigzag0", "zigzag1", "zigzag0", "zigzag1", "zigzag0"]
-    assert layer_schedule("fixed", 3, name="hilbert") == ["hilbert"] * 3
+def test_zigma_scans_cycle_paths():
+    assert zigma_scans(10) == [f"zigzag{i % 8}" for i in range(10)]
+    assert zigma_scans(5, num_paths=2) == ["zigzag0", "zigzag1", "zigzag0", "zigzag1", "zigzag0"]
+    assert layer_scans("fixed", 3, name="hilbert") == ["hilbert"] * 3
     with pytest.raises(ValueError, match="num_paths"):
-        zigma_schedule(4, num_paths=9)
+        zigma_scans(4, num_paths=9)

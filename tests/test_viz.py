@@ -9,7 +9,7 @@ import torch
 from PIL import Image
 
 from ssm_tread import viz
-from ssm_tread.scans import layer_schedule, scan_order
+from ssm_tread.scans import layer_scans, scan_order
 
 TOOL = Path(__file__).resolve().parents[1] / "tools" / "visualize_scans.py"
 
@@ -49,12 +49,12 @@ def test_keep_subset_is_a_seeded_route_draw():
 
 @pytest.mark.parametrize("kind, depth", [("zigma", 10), ("dim", 9), ("fixed", 3)])
 @pytest.mark.parametrize("seed", [0, 1])
-def test_layer_paths_are_the_schedule_orders_filtered_to_the_kept_set(kind, depth, seed):
+def test_layer_paths_are_the_layer_scans_filtered_to_the_kept_set(kind, depth, seed):
     height, width = 5, 7
     keep = viz.keep_subset(height, width, ratio=0.5, seed=seed)
     kept = set(keep.tolist())
     paths = viz.layer_paths(kind, depth, keep, height, width)
-    assert [(layer, name) for layer, name, _ in paths] == list(enumerate(layer_schedule(kind, depth)))
+    assert [(layer, name) for layer, name, _ in paths] == list(enumerate(layer_scans(kind, depth)))
     for _, name, path in paths:
         assert path.tolist() == [i for i in scan_order(name, height, width).tolist() if i in kept]
 
@@ -64,7 +64,7 @@ def test_layer_paths_chosen_layers_and_errors():
     assert [layer for layer, _, _ in viz.layer_paths("zigma", 8, keep, 4, 4, layers=[5, 2])] == [5, 2]
     with pytest.raises(ValueError, match="outside 0..7"):
         viz.layer_paths("zigma", 8, keep, 4, 4, layers=[8])
-    with pytest.raises(ValueError, match="unknown scan schedule"):
+    with pytest.raises(ValueError, match="unknown kind of layer scans"):
         viz.layer_paths("spiral", 8, keep, 4, 4)
 
 
@@ -95,10 +95,10 @@ def test_tool_writes_the_figures(tmp_path, capsys):
 @pytest.mark.parametrize(
     "argv, message",
     [
-        (["--schedule", "spiral"], "unknown scan schedule 'spiral'"),
-        (["--schedule", "fixed", "--fixed-order", "spiral"], "unknown scan order 'spiral'"),
+        (["--scans", "spiral"], "unknown kind of layer scans 'spiral'"),
+        (["--scans", "fixed", "--fixed-order", "spiral"], "unknown scan order 'spiral'"),
         (["--gif", "--gif-order", "spiral"], "unknown scan order 'spiral'"),
-        (["--schedule", "dim", "--depth", "8"], "odd depth"),
+        (["--scans", "dim", "--depth", "8"], "odd depth"),
         (["--layers", "9"], "outside 0..7"),
         (["--ratio", "1.0"], "ratio"),
         (["--grid", "0", "4"], "grid"),

@@ -1,4 +1,4 @@
-"""ZigMa: shapes, the official parameter counts, the zigzag schedule, the official initialisation, the
+"""ZigMa: shapes, the official parameter counts, the zigzag scans, the official initialisation, the
 extensions (null class, learned sigma, drop path, unconditional) and errors. (The forward pass against
 a plain re-implementation of the official model: tests/test_official.py.)"""
 
@@ -41,7 +41,7 @@ def test_forward_backward(routes, patch_size):
     assert all(p.grad.abs().sum() > 0 for p in model.blocks[2].mixer.parameters())
 
 
-# OFFICIAL_MODELS.md section 2.7: 32x32x4 latent, patch 2, use_pe=2; (1000 classes, unconditional)
+# counted on the meta device from the official ZigMa (CompVis/zigma, 37d837b): 32x32x4 latent, patch 2, use_pe=2; (1000 classes, unconditional)
 OFFICIAL_COUNTS = {
     "S": (31_776_080, 31_408_080),
     "B": (134_820_880, 134_052_880),
@@ -112,7 +112,7 @@ def test_non_square_input():
 
 
 def test_official_initialisation():
-    """OFFICIAL_MODELS.md 2.4: adaLN-zero blocks, out_proj U(+-1/sqrt E) / sqrt(L), a default-init (non-zero)
+    """The official ZigMa (model_zigma.py initialize_weights, _init_weights): adaLN-zero blocks, out_proj U(+-1/sqrt E) / sqrt(L), a default-init (non-zero)
     output Linear, xavier patch conv, N(0, 0.02) timestep MLP and table, zero biases, zero learned pos_embed."""
     torch.manual_seed(0)
     d, depth = 64, 9

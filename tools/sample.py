@@ -33,7 +33,8 @@ def main():
     parser.add_argument("--per-class", type=positive_int, default=8, help="grid: samples per class (per row)")
     parser.add_argument("--num-images", type=positive_int, help="number of images (an .npz, or a grid for a .png)")
     parser.add_argument("--labels", choices=["random", "balanced"], default="random", help="label draw for --num-images")
-    parser.add_argument("--raw", action="store_true", help="sample with the raw weights instead of the EMA")
+    parser.add_argument("--raw", action="store_true", help="sample with the raw weights instead of the EMA "
+                        "(default: as the run's sample.use_ema says)")
     parser.add_argument("--sampler", help="ddpm/ddim/dpm_solver (ddpm objective) or euler/heun/euler_maruyama (flow)")
     parser.add_argument("--steps", type=positive_int, help="number of sampling steps")
     parser.add_argument("--cfg-scale", type=float, help="classifier-free guidance scale (1: none)")
@@ -61,12 +62,14 @@ def main():
                  "seed": args.seed, "batch_size": args.batch_size, "vae": args.vae}
     from ssm_tread.sampling import sample_grid_file, sample_npz_file
 
+    use_ema = False if args.raw else None  # None: the run's sample.use_ema
+
     if grid:
-        path = sample_grid_file(args.checkpoint, args.out, args.classes, args.per_class, overrides, not args.raw,
+        path = sample_grid_file(args.checkpoint, args.out, args.classes, args.per_class, overrides, use_ema,
                                 num_images=args.num_images, label_mode=args.labels)
         print(f"wrote {path}")
     else:
-        sample_npz_file(args.checkpoint, args.out, args.num_images, args.labels, overrides, not args.raw)
+        sample_npz_file(args.checkpoint, args.out, args.num_images, args.labels, overrides, use_ema)
 
 
 if __name__ == "__main__":

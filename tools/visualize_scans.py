@@ -2,7 +2,7 @@
 
     python tools/visualize_scans.py --out docs/figures --gif
 
-Writes scan_orders.png, restricted_<schedule>.png for each --schedule and, with --gif, scan.gif;
+Writes scan_orders.png, restricted_<kind>.png for each --scans kind and, with --gif, scan.gif;
 prints the paths written.
 """
 
@@ -16,7 +16,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a check
 
 from ssm_tread import viz  # noqa: E402
 
-# DiM's schedule mirrors its encoder around a middle block, so it needs an odd depth.
+# DiM's scans mirror its encoder around a middle block, so it needs an odd depth.
 DEFAULT_DEPTH = {"dim": 9}
 
 
@@ -27,11 +27,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--ratio", type=float, default=0.5, help="share of tokens that bypass the route (default 0.5)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the kept-token draw (default 0)")
     parser.add_argument(
-        "--schedule", nargs="+", default=["zigma", "dim"], help="zigma, dim and/or fixed (default: zigma dim)"
+        "--scans", nargs="+", default=["zigma", "dim"],
+        help="whose layer scans to draw: zigma, dim and/or fixed (default: zigma dim)"
     )
-    parser.add_argument("--depth", type=int, help="layers in each schedule (default 8; 9 for dim)")
+    parser.add_argument("--depth", type=int, help="layers of each (default 8; 9 for dim)")
     parser.add_argument("--layers", type=int, nargs="+", help="which layers to draw, from 0 (default: all)")
-    parser.add_argument("--fixed-order", default="raster", help="the order of every layer for --schedule fixed")
+    parser.add_argument("--fixed-order", default="raster", help="the order of every layer for --scans fixed")
     parser.add_argument("--gif", action="store_true", help="also write scan.gif, a scan visiting the tokens")
     parser.add_argument("--gif-order", default="zigzag0", help="the scan order of the GIF (default zigzag0)")
     return parser
@@ -44,7 +45,7 @@ def main(argv: list[str] | None = None) -> list[Path]:
     try:
         keep = viz.keep_subset(height, width, args.ratio, args.seed)
         outputs = {"scan_orders.png": viz.plot_scan_orders(height, width)}
-        for kind in args.schedule:
+        for kind in args.scans:
             depth = args.depth if args.depth is not None else DEFAULT_DEPTH.get(kind, 8)
             kwargs = {"name": args.fixed_order} if kind == "fixed" else {}
             figure = viz.plot_restricted(kind, depth, keep, height, width, args.layers, **kwargs)

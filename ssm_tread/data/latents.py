@@ -33,7 +33,7 @@ from ssm_tread.errors import UserError
 from ssm_tread.progress import progress_bar
 
 FORMAT = "ssm_tread-latents-v1"
-SCALE_FACTOR = 0.18215  # Stable Diffusion's latent scale
+SCALE_FACTOR = 0.18215  # Stable Diffusion's latent scale: extraction records it in index.json as "scale_factor"
 SAMPLE_BLOCK, SAMPLE_BLOCKS = 4096, 64  # the sampled checksum reads the header and 64 blocks of 4 KiB
 VERIFY_MODES = ("none", "sample", "full")
 
@@ -184,6 +184,13 @@ INDEX_FIX = ("delete it and re-run tools/extract_latents.py with the settings of
              "index and keeps the finished shards)")
 
 
+def recorded_scale(root) -> float:
+    """The latent scale that the latent directory ``root`` records (what its dataset multiplies by and a decoder
+    divides by); :data:`SCALE_FACTOR`, what extraction records, where ``root`` holds no index (sampling a
+    checkpoint away from its data)."""
+    return read_index(root)["scale_factor"] if os.path.isfile(index_path(root)) else SCALE_FACTOR
+
+
 def read_index(root):
     """The index of a latent directory, its shape checked (a :class:`LatentShardError` names the file)."""
     path = index_path(root)
@@ -295,15 +302,17 @@ class LatentShardDataset(Dataset):
     """Memory-mapped latent shards -> (latent float [C, h, w], label long), C x h x w = 4x32x32 for ImageNet-256.
 
     Each item picks the image or its flip with p=0.5 (flip=True) and draws a fresh posterior sample
-    mean + std * eps (sample=True; else the mean), times scale_factor. Randomness comes from torch's global
+    mean + std * eps (sample=True; else the mean), times ``scale_factor`` (None: the one index.json records,
+    which the VAE decoder divides by again: :func:`recorded_scale`). Randomness comes from torch's global
     generator (DataLoader workers get distinct seeds). Opening checks the shards as ``verify`` says ("none",
     "sample", "full"; see the module) and raises :class:`LatentShardError` naming every bad one; ``progress``:
     a bar over the shards for "full".
     """
 
-    def __init__(self, root, flip=True, sample=True, scale_factor=SCALE_FACTOR, verify="sample", progress=True):
-        self.root, self.flip, self.sample, self.scale_factor = root, flip, sample, scale_factor
+    def __init__(self, root, flip=True, sample=True, scale_factor=None, verify="sample", progress=True):
         index = read_index(root)
+        self.root, self.flip, self.sample = root, flip, sample
+        self.scale_factor = index["scale_factor"] if scale_factor is None else scale_factor
         check = {"none": shard_problem, "sample": sampled_problem,
                  "full": lambda root, shard: check_shard(root, shard, index)}[verify]
         shards = progress_bar(index["shards"], enabled=verify == "full" and progress, desc="verify shards", unit="shard")

@@ -17,6 +17,7 @@ import torch
 from ssm_tread.progress import progress_bar
 
 from ssm_tread.diffusion.common import check_choice, model_forward, rand, randn, reduce_loss
+from ssm_tread.diffusion.guidance import Guidance
 
 
 class FlowMatching:
@@ -26,7 +27,6 @@ class FlowMatching:
     (SiT's "sigma" form); 0 turns it into the Euler ODE.
     """
 
-    objective = "flow"
     samplers = ("euler", "heun", "euler_maruyama")
     default_sampler = "heun"
     default_steps = {"euler": 250, "heun": 50, "euler_maruyama": 250}
@@ -72,14 +72,10 @@ class FlowMatching:
         mse = reduce_loss((target - out[:, :channels]) ** 2, masks)
         return {"mse": mse, "loss": mse}
 
-    def velocity(self, model, x: torch.Tensor, t: float, model_kwargs: dict, guidance=None) -> torch.Tensor:
+    def velocity(self, model, x: torch.Tensor, t: float, model_kwargs: dict, guidance: Guidance) -> torch.Tensor:
         """The model's velocity [B, C, ...] at interpolant time ``t`` for the whole batch."""
         model_t = torch.full((x.shape[0],), self.time_scale * t, device=x.device)
-        if guidance is None:
-            out = model(x, model_t, **model_kwargs)
-        else:
-            out = guidance(model, x, model_t, model_kwargs, t)
-        return out[:, : x.shape[1]]
+        return guidance(model, x, model_t, model_kwargs, t)[:, : x.shape[1]]
 
     @torch.no_grad()
     def sample(
@@ -95,6 +91,7 @@ class FlowMatching:
         check_choice("sampler", sampler, self.samplers)
         steps = int(steps or self.default_steps[sampler])
         model_kwargs = model_kwargs or {}
+        guidance = guidance or Guidance()  # the default: a plain model call
         times = torch.linspace(0, 1, steps + 1, dtype=torch.float64).tolist()
         x = noise
         for i in progress_bar(range(steps), enabled=progress):

@@ -18,6 +18,7 @@ from ssm_tread.progress import progress_bar
 
 from ssm_tread.diffusion.common import check_choice, model_forward, randint, randn, reduce_loss
 from ssm_tread.diffusion.dpm_solver import DiscreteSchedule, dpm_solver_sample
+from ssm_tread.diffusion.guidance import Guidance
 
 
 def linear_betas(num_timesteps: int) -> torch.Tensor:
@@ -98,7 +99,6 @@ class GaussianDiffusion:
     ``timestep_offset`` is added to the timestep the model receives: 1 for models trained on n = 1..T
     (DiM, U-ViT) rather than 0..T-1."""
 
-    objective = "ddpm"
     samplers = ("ddpm", "ddim", "dpm_solver")
     default_sampler = "ddpm"
     default_steps = {"ddpm": 250, "ddim": 50, "dpm_solver": 50}
@@ -258,6 +258,7 @@ class GaussianDiffusion:
         sampler = sampler or self.default_sampler
         check_choice("sampler", sampler, self.samplers)
         model_kwargs = model_kwargs or {}
+        guidance = guidance or Guidance()  # the default: a plain model call
         if sampler == "dpm_solver":
             return self.dpm_solver(model, noise, model_kwargs, steps or self.default_steps[sampler], guidance)
         spaced = self.respace(steps or self.default_steps[sampler])
@@ -265,11 +266,7 @@ class GaussianDiffusion:
         indices = range(spaced.num_timesteps - 1, -1, -1)
         for i in progress_bar(indices, enabled=progress):
             t = torch.full((x.shape[0],), i, device=x.device, dtype=torch.long)
-            model_t = spaced.model_time(t)
-            if guidance is None:
-                out = model(x, model_t, **model_kwargs)
-            else:
-                out = guidance(model, x, model_t, model_kwargs, spaced.normalised_time(i))
+            out = guidance(model, x, spaced.model_time(t), model_kwargs, spaced.normalised_time(i))
             pred = spaced.p_mean_variance(out, x, t, self.clip_denoised)
             if sampler == "ddpm":
                 x = pred["mean"]
@@ -279,7 +276,7 @@ class GaussianDiffusion:
                 x = spaced.ddim_step(x, t, pred, generator)
         return x
 
-    def dpm_solver(self, model, noise: torch.Tensor, model_kwargs: dict, steps: int, guidance=None) -> torch.Tensor:
+    def dpm_solver(self, model, noise: torch.Tensor, model_kwargs: dict, steps: int, guidance: Guidance) -> torch.Tensor:
         """DPM-Solver++ with ``steps`` model evaluations from ``noise`` [B, C, H, W] at t = 1 to x0.
 
         At continuous time t the model receives the timestep ``T t - 1`` (+ ``timestep_offset``) and
@@ -293,10 +290,7 @@ class GaussianDiffusion:
         def data_prediction(x: torch.Tensor, t: float) -> torch.Tensor:
             timestep = self.num_timesteps * t - 1  # the training timestep, continuous: 0..T-1
             model_t = torch.full((x.shape[0],), timestep + self.timestep_offset, device=x.device)
-            if guidance is None:
-                out = model(x, model_t, **model_kwargs)
-            else:
-                out = guidance(model, x, model_t, model_kwargs, timestep / last)
+            out = guidance(model, x, model_t, model_kwargs, timestep / last)
             return (x - schedule.sigma(t) * out[:, :x.shape[1]]) / schedule.alpha(t)
 
         return dpm_solver_sample(data_prediction, noise, schedule, steps)
@@ -314,6 +308,7 @@ class GaussianDiffusion:
 
 
 def create_gaussian_diffusion(num_timesteps: int = 1000, schedule: str = "linear", **kwargs) -> GaussianDiffusion:
-    """DDPM with a named beta schedule ("linear" or "cosine"); kwargs go to :class:`GaussianDiffusion`."""
+    """DDPM with a named beta schedule (a key of BETA_SCHEDULES: "linear", "cosine", "scaled_linear"); kwargs go
+    to :class:`GaussianDiffusion`."""
     check_choice("schedule", schedule, tuple(BETA_SCHEDULES))
     return GaussianDiffusion(BETA_SCHEDULES[schedule](num_timesteps), **kwargs)

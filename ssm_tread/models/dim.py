@@ -1,9 +1,9 @@
 """DiM (Teng et al., "DiM: Diffusion Mamba for Efficient High-Resolution Image Synthesis") with
 scan-consistent TREAD token routing.
 
-This is the official DiM (tyshiwo1/DiM-DiffusionMamba, ``Mamba2DModel`` with the ImageNet configs; the
-facts are in OFFICIAL_MODELS.md section 3): same forward pass, same initialisation, the same
-parameters (:func:`ssm_tread.models.load_official` loads its checkpoints key for key). Forward:
+This is the official DiM (github.com/tyshiwo1/DiM-DiffusionMamba at commit 292b228, ``Mamba2DModel``
+with the ImageNet configs): same forward pass, same initialisation, the same parameters
+(:func:`ssm_tread.models.load_official` loads its checkpoints key for key). Forward:
 
 1. Patchify (p x p conv) -> tokens [B, n, D]. The time token tau = sinusoid_D(t) (the raw sinusoid,
    no MLP) and the class token kappa = ``class_tokens[y]`` (a table of its own). A learned position
@@ -19,13 +19,13 @@ parameters (:func:`ssm_tread.models.load_official` loads its checkpoints key for
 4. Drop the prefix and the padding -> depthwise 3x3 conv (``out_conv``) -> RMSNorm with weight ->
    shift/scale from Linear(SiLU(tau + kappa)) -> Linear -> unpatchify.
 
-Long skips (U-ViT style): blocks 1..(L-1)/2 store their output (block 0 stores nothing) and blocks
-(L+1)/2..L-1 fuse them last in, first out, so block (L+1)/2 fuses block (L-1)/2 and block L-1 fuses
-block 1. The fusion is ``W [s; skip] + b``: one ``Linear(2D, D)`` up to width 512, and above (every
+Long skips (U-ViT style), with m = (depth - 1) / 2: blocks 1..m store their output (block 0 stores
+nothing) and blocks m+1..depth-1 fuse them last in, first out, so block m+1 fuses block m and the last
+block fuses block 1. The fusion is ``W [s; skip] + b``: one ``Linear(2D, D)`` up to width 512, and above (every
 published config) two ``Linear(D, D)`` (``skip_linear.0`` on the stream, ``skip_linear.1`` on the
 skip) whose biases add, as in the official code.
 
-Scan orders (:func:`ssm_tread.scans.dim_schedule`: raster, its reverse, column-major, its reverse) are
+Scan orders (:func:`ssm_tread.scans.dim_scans`: raster, its reverse, column-major, its reverse) are
 defined over the whole sequence: the 5 prefix tokens first in every scan (reverse scans too, so the
 condition is read before the image), then the padded grid in the block's direction.
 
@@ -41,8 +41,9 @@ What is ours, not the official model's:
   routable; the prefix and padding tokens go through every block and keep their places in every
   restricted order. Skips are stored with their routing tag; a skip that crosses a route boundary is
   brought to the fusing block's token set with ``routing.align`` (scattered over the route-start
-  state, or gathered at the kept tokens). Tokens are kept in sequence order between blocks and each
-  mixer permutes to its scan and back, so a skip and the stream it is fused with always line up.
+  state, or gathered at the kept tokens). Between blocks the tokens lie as the routing pass holds
+  them (the full sequence in sequence order; inside a route the kept tokens in selection order) and
+  each mixer permutes to its scan and back, so a skip and the stream it is fused with always line up.
 - ``class_dropout_prob``: in training a label is replaced by the null class ``num_classes`` with this
   probability, in both tables at once (the official code does this in its data pipeline). Both
   tables always have the null row, as in the official model; ``y = num_classes`` is the
@@ -73,13 +74,13 @@ from ssm_tread.models.layers import (
     adaln_modulation,
     check_conditioning,
     modulate,
-    route_pixel_masks,
     unpatchify,
+    with_route_masks,
 )
 from ssm_tread.models.mamba import Mamba
-from ssm_tread.models.ssm_block import MixerFactory, init_mamba_backbone, mix_in_scan_order, scan_table
+from ssm_tread.models.ssm_common import MixerFactory, init_mamba_backbone, mix_in_scan_order, scan_table
 from ssm_tread.routing import RouteSpec, ScanIndex, TokenRouter
-from ssm_tread.scans import dim_schedule, scan_order
+from ssm_tread.scans import dim_scans, scan_order
 
 DIM_CONFIGS: dict[str, dict] = {
     # ours, not official (the official DiM has L and H only): DiT-S's and DiT-B's widths and 25 blocks (ZigMa-S's
@@ -96,6 +97,12 @@ NUM_LEARNED = 3  # learned tokens after the time and class tokens
 NUM_PREFIX = 2 + NUM_LEARNED  # time token, class token, learned tokens
 NUM_PAD = 3  # padding tokens at the end of every row, and padding rows below the grid
 SPLIT_SKIP_WIDTH = 512  # above this width the skip fusion is two Linear(D, D) (the official layout)
+
+
+def long_skips(depth: int) -> dict[int, int]:
+    """{fusing block: the block whose output it fuses}: blocks 1..m store, blocks m+1..depth-1 fuse them last in,
+    first out (m = (depth - 1) / 2; module docstring)."""
+    return {depth - k: k for k in range(1, (depth - 1) // 2 + 1)}
 
 
 class DiMBlock(nn.Module):
@@ -158,7 +165,7 @@ class DiM(nn.Module):
         mixer_cls: MixerFactory = Mamba,
     ):
         super().__init__()
-        schedule = dim_schedule(depth)  # raises for an even depth
+        scans = dim_scans(depth)  # raises for an even depth
         self.input_size = input_size
         self.patch_size = patch_size
         self.in_channels = in_channels
@@ -167,7 +174,7 @@ class DiM(nn.Module):
         self.learn_sigma = learn_sigma
         self.hidden_size = hidden_size
         self.depth = depth
-        self.schedule = schedule
+        self.scans = scans  # the scan order name of each block
 
         self.x_embedder = PatchEmbed(input_size, patch_size, in_channels, hidden_size)
         self.grid_size = self.x_embedder.grid_size
@@ -183,12 +190,11 @@ class DiM(nn.Module):
         self.learned_tokens = nn.Parameter(torch.randn(NUM_LEARNED, hidden_size) * 0.02)
         self.pad_tokens = nn.Parameter(torch.randn(NUM_PAD, hidden_size) * 0.02)  # by distance past the grid edge
         self.adaLN_modulation = adaln_modulation(hidden_size, 3)  # adaLN-single, shared by all blocks
-        middle = (depth - 1) // 2
+        self.long_skips = long_skips(depth)
         mixer_kwargs = dict(d_state=d_state, d_conv=d_conv, expand=expand)
         self.blocks = nn.ModuleList(
-            [DiMBlock(hidden_size, skip=i > middle, mixer_cls=mixer_cls, **mixer_kwargs) for i in range(depth)]
+            [DiMBlock(hidden_size, i in self.long_skips, mixer_cls, **mixer_kwargs) for i in range(depth)]
         )
-        self.stores_skip = [1 <= i <= middle for i in range(depth)]
         self.out_conv = nn.Conv2d(hidden_size, hidden_size, kernel_size=3, padding=1, groups=hidden_size)
         self.final_layer = FinalLayer(hidden_size, patch_size, self.out_channels, norm=nn.RMSNorm(hidden_size, eps=1e-5))
         self.router = TokenRouter(routes, depth, scan_consistent)
@@ -201,7 +207,7 @@ class DiM(nn.Module):
         # which padding token fills each padded-grid cell (image cells are overwritten): [(h+3)*(w+3)]
         pad_index = torch.where(rows >= h, rows - h, (cols - w).clamp(min=0).expand(padded_h, -1))
         self.register_buffer("pad_index", pad_index.flatten(), persistent=False)
-        orders, self.block_scan = scan_table(schedule, self.sequence_order)
+        orders, self.block_scan = scan_table(scans, self.sequence_order)
         self.register_buffer("scan_orders", orders, persistent=False)  # [distinct orders, L]
 
         self._init_weights()
@@ -246,19 +252,17 @@ class DiM(nn.Module):
 
         modulation = rearrange(self.adaLN_modulation(c), "b (k d) -> b k d", k=3)  # [B, 3, D]
         routing = self.router.begin(routable=self.grid_positions, training=self.training)
-        skips = []  # (output [B, L or K, D], routing tag) of blocks 1..(depth-1)/2, fused LIFO
+        stored = {}  # block -> (its output [B, L or K, D], routing tag), for the block that fuses it
         for i, block in enumerate(self.blocks):
             x = routing.enter(i, x)  # at a route start: [B, L, D] -> kept tokens [B, K, D]
-            skip = routing.align(*skips.pop()) if block.skip_linear is not None else None
+            skip = routing.align(*stored.pop(self.long_skips[i])) if i in self.long_skips else None
             x = block(x, modulation, routing.scan(self.scan_orders[self.block_scan[i]]), skip)
             x = routing.exit(i, x)  # at a route end: back to [B, L, D]
-            if self.stores_skip[i]:
-                skips.append((x, routing.tag()))
+            if i in self.long_skips.values():
+                stored[i] = (x, routing.tag())
 
         x = rearrange(x[:, self.grid_positions], "b (h w) d -> b d h w", h=h).contiguous()  # drop prefix, unpad
         x = rearrange(self.out_conv(x), "b d h w -> b (h w) d")  # [B, h*w, D]
         x = self.final_layer(x, tau + kappa)  # [B, h*w, p*p*out_channels]
         x = unpatchify(x, self.grid_size, self.patch_size, self.out_channels)  # [B, out_channels, H, W]
-        if not return_masks:
-            return x
-        return x, route_pixel_masks(routing, self.grid_positions, self.grid_size, self.patch_size, batch)
+        return with_route_masks(x, routing, self.patch_size, return_masks)

@@ -22,11 +22,10 @@ from ssm_tread.models.layers import (
     TimestepEmbedder,
     adaln_modulation,
     check_conditioning,
-    init_dit_style,
     modulate,
-    route_pixel_masks,
     sincos_2d,
     unpatchify,
+    with_route_masks,
 )
 from ssm_tread.routing import RouteSpec, TokenRouter
 
@@ -109,6 +108,8 @@ class DiT(nn.Module):
     ``scan_consistent`` is kept for a uniform constructor across backbones; attention ignores token order.
     ``fp32_after_route``: under autocast, run the block right after each route's end in fp32, as the
     reference TREAD code does.
+    Classifier-free guidance is not a model method (the reference's ``forward_with_cfg``): samplers apply it
+    through :class:`ssm_tread.diffusion.Guidance`.
     """
 
     def __init__(
@@ -149,9 +150,28 @@ class DiT(nn.Module):
         self.initialize_weights()
 
     def initialize_weights(self) -> None:
-        init_dit_style(self)
+        """The reference DiT initialisation: xavier-uniform linears with zero bias, the fixed sin-cos position
+        embedding, N(0, 0.02) timestep MLP and label table, and zeroed adaLN modulations and final layer
+        (adaLN-Zero)."""
+        for module in self.modules():
+            if isinstance(module, nn.Linear):
+                nn.init.xavier_uniform_(module.weight)
+                nn.init.zeros_(module.bias)
         pos_embed = sincos_2d(self.pos_embed.shape[-1], self.grid_size)
         self.pos_embed.data.copy_(torch.from_numpy(pos_embed).float().unsqueeze(0))
+
+        # the patch projection like a linear: xavier-uniform on its [D, C*p*p] view
+        weight = self.x_embedder.proj.weight.data
+        nn.init.xavier_uniform_(weight.view(weight.shape[0], -1))
+        nn.init.zeros_(self.x_embedder.proj.bias)
+        nn.init.normal_(self.t_embedder.mlp[0].weight, std=0.02)
+        nn.init.normal_(self.t_embedder.mlp[2].weight, std=0.02)
+        nn.init.normal_(self.y_embedder.embedding_table.weight, std=0.02)
+
+        for layer in [*(block.adaLN_modulation[-1] for block in self.blocks),
+                      self.final_layer.adaLN_modulation[-1], self.final_layer.linear]:
+            nn.init.zeros_(layer.weight)
+            nn.init.zeros_(layer.bias)
 
     def forward(
         self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor, return_masks: bool = False
@@ -166,20 +186,14 @@ class DiT(nn.Module):
         c = self.t_embedder(t) + self.y_embedder(y, self.training)  # [B, D]
 
         routing = self.router.begin(training=self.training)
-        after_route = False  # whether the previous block ended a route
         for i, block in enumerate(self.blocks):
             x = routing.enter(i, x)  # at a route start: [B, N, D] -> kept tokens [B, K, D]
-            x = self._block_fp32(block, x, c) if self.fp32_after_route and after_route else block(x, c)
-            was_routed = routing.routed
+            x = self._block_fp32(block, x, c) if self.fp32_after_route and routing.after_route(i) else block(x, c)
             x = routing.exit(i, x)  # at a route end: back to [B, N, D]
-            after_route = was_routed and not routing.routed
 
         x = self.final_layer(x, c)  # [B, N, p*p*out_channels]
         x = unpatchify(x, self.grid_size, self.patch_size, self.out_channels)  # [B, out_channels, H, W]
-        if not return_masks:
-            return x
-        grid_positions = torch.arange(self.x_embedder.num_patches, device=x.device)
-        return x, route_pixel_masks(routing, grid_positions, self.grid_size, self.patch_size, x.shape[0])
+        return with_route_masks(x, routing, self.patch_size, return_masks)
 
     @staticmethod
     def _block_fp32(block: DiTBlock, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:

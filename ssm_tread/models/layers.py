@@ -139,11 +139,6 @@ class FinalLayer(nn.Module):
         shift, scale = self.adaLN_modulation(c).chunk(2, dim=1)
         return self.linear(modulate(self.norm_final(x), shift, scale))
 
-    def zero_init(self) -> None:
-        for layer in (self.adaLN_modulation[-1], self.linear):
-            nn.init.zeros_(layer.weight)
-            nn.init.zeros_(layer.bias)
-
 
 def unpatchify(x: torch.Tensor, grid_size: tuple[int, int], patch_size: int, channels: int) -> torch.Tensor:
     """Tokens [B, h*w, p*p*C] in raster order -> image [B, C, h*p, w*p]."""
@@ -166,23 +161,24 @@ def token_masks_to_pixels(masks: torch.Tensor, grid_size: int | tuple[int, int],
     return pixels.reshape(routes, batch, h * p, w * p)
 
 
-def route_pixel_masks(
-    routing: RoutingPass,
-    grid_positions: torch.Tensor,
-    grid_size: tuple[int, int],
-    patch_size: int,
-    batch: int,
-) -> torch.Tensor:
-    """BoolTensor [R, B, h*p, w*p]: True where the pixel's token went through route r of this pass.
-
-    ``grid_positions`` [h*w]: the sequence position of each grid token, in raster order.
-    """
-    masks = routing.kept_masks()  # R x [B, L]
-    if masks:
-        token_masks = torch.stack(masks)[:, :, grid_positions]  # [R, B, h*w]
+def with_route_masks(
+    x: torch.Tensor, routing: RoutingPass, patch_size: int, return_masks: bool
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    """What a backbone's forward returns: its output ``x`` [B, C, H, W], and with ``return_masks`` also
+    BoolTensor [R, B, H, W], True where the pixel's token went through route r of this pass (R = 0 when the
+    pass did not route). The pass's routable positions (default: the whole sequence) are the grid tokens in
+    raster order."""
+    if not return_masks:
+        return x
+    batch, _, height, width = x.shape
+    grid_size = (height // patch_size, width // patch_size)
+    kept = routing.kept_masks()  # R x [B, L]
+    if kept:
+        grid = routing.routable if routing.routable is not None else slice(None)
+        token_masks = torch.stack(kept)[:, :, grid]  # [R, B, h*w]
     else:
-        token_masks = torch.zeros(0, batch, grid_positions.numel(), dtype=torch.bool, device=grid_positions.device)
-    return token_masks_to_pixels(token_masks, grid_size, patch_size)
+        token_masks = torch.zeros(0, batch, grid_size[0] * grid_size[1], dtype=torch.bool, device=x.device)
+    return x, token_masks_to_pixels(token_masks, grid_size, patch_size)
 
 
 def check_conditioning(x: torch.Tensor, t: torch.Tensor, y: torch.Tensor) -> None:
@@ -194,29 +190,3 @@ def check_conditioning(x: torch.Tensor, t: torch.Tensor, y: torch.Tensor) -> Non
             f"got t {list(t.shape)} and y {list(y.shape)}"
         )
 
-
-def init_dit_style(model: nn.Module) -> None:
-    """The reference DiT initialisation of the shared parts: xavier-uniform linears with zero bias,
-    the patch projection like a linear, N(0, 0.02) timestep MLP and label table, zeroed adaLN
-    modulations and final layer (adaLN-Zero)."""
-    for module in model.modules():
-        if isinstance(module, nn.Linear):
-            nn.init.xavier_uniform_(module.weight)
-            if module.bias is not None:
-                nn.init.zeros_(module.bias)
-    for module in model.modules():
-        if isinstance(module, PatchEmbed):
-            weight = module.proj.weight.data
-            nn.init.xavier_uniform_(weight.view(weight.shape[0], -1))
-            nn.init.zeros_(module.proj.bias)
-        elif isinstance(module, LabelEmbedder):
-            nn.init.normal_(module.embedding_table.weight, std=0.02)
-        elif isinstance(module, TimestepEmbedder):
-            nn.init.normal_(module.mlp[0].weight, std=0.02)
-            nn.init.normal_(module.mlp[2].weight, std=0.02)
-        elif isinstance(module, FinalLayer):
-            module.zero_init()
-    for name, module in model.named_modules():
-        if name.endswith("adaLN_modulation"):
-            nn.init.zeros_(module[-1].weight)
-            nn.init.zeros_(module[-1].bias)

@@ -11,7 +11,7 @@
   :meth:`ssm_tread.models.dit.Attention.extra_macs`), the selective scan of a Mamba mixer
   (:func:`selective_scan_macs`), a convolution applied functionally through a module's weight.
 
-Element-wise work (norms, activations, modulation, softplus/exp of the scan discretisation) is not
+Element-wise work (norms, activations, modulation, softplus/exp of the selective scan's discretisation) is not
 counted, like the published DiT figures ("GFLOPs" that are MACs of linears, convs and attention).
 Embedding lookups cost nothing.
 """

@@ -1,8 +1,9 @@
 """The Mamba-1 mixer (Gu & Dao), with mamba-ssm's parameter names and initialisation.
 
 x [B, L, D] -> in_proj -> (x, z) [B, E, L] each; x -> causal depthwise conv -> SiLU -> x_proj ->
-(dt, B, C); dt -> dt_proj (its bias goes into the scan, then softplus); y = scan(x, dt, A, B, C) + D x;
-y * SiLU(z) -> out_proj -> [B, L, D]. The scan runs along L in the order the tokens lie.
+(dt, B, C); dt -> dt_proj (its bias goes into the selective scan, then softplus);
+y = selective_scan(x, dt, A, B, C) + D x; y * SiLU(z) -> out_proj -> [B, L, D]. The selective scan (the SSM
+recurrence) runs along L in the order the tokens lie; which scan order that is, the caller decides.
 """
 
 from __future__ import annotations
@@ -66,7 +67,7 @@ class Mamba(nn.Module):
         x = causal_conv1d(x, rearrange(self.conv1d.weight, "e 1 k -> e k"), self.conv1d.bias, "silu")
         x_dbl = self.x_proj(rearrange(x, "b e l -> b l e"))  # [B, L, R + 2N]
         dt, B, C = x_dbl.split([self.dt_rank, self.d_state, self.d_state], dim=-1)
-        dt = rearrange(dt @ self.dt_proj.weight.t(), "b l e -> b e l")  # bias added inside the scan
+        dt = rearrange(dt @ self.dt_proj.weight.t(), "b l e -> b e l")  # bias added inside the selective scan
         B = rearrange(B, "b l n -> b n l").contiguous()
         C = rearrange(C, "b l n -> b n l").contiguous()
         A = -torch.exp(at_least_fp32(self.A_log))  # [E, N]

@@ -2,8 +2,8 @@
 
 :func:`load_official` builds our DiM or ZigMa and loads an official state dict into it, key for key;
 :func:`to_ours` / :func:`to_official` translate state dicts between the two namings. The official
-layouts are those of OFFICIAL_MODELS.md sections 2.5 (ZigMa, CompVis/zigma) and 3.9 (DiM,
-tyshiwo1/DiM-DiffusionMamba).
+layouts are the state dicts of github.com/CompVis/zigma (ZigMa, commit 37d837b) and
+github.com/tyshiwo1/DiM-DiffusionMamba (DiM, commit 292b228).
 
 - ZigMa: our module names are the official ones (identity mapping).
 - DiM: renamed modules, plus two reshapes: ``a4m_adapter.pad_token_dec_split`` [1, 3, D] is our

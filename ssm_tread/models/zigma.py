@@ -1,8 +1,8 @@
 """ZigMa (Hu et al., "ZigMa: A DiT-style Zigzag Mamba Diffusion Model") with scan-consistent TREAD
 token routing.
 
-This is the official ZigMa image model (CompVis/zigma ``ZigMa`` with ``scan_type="zigzagN8"``; the facts
-are in OFFICIAL_MODELS.md section 2): same forward pass, same initialisation, the same parameters
+This is the official ZigMa image model (github.com/CompVis/zigma at commit 37d837b, ``ZigMa`` with
+``scan_type="zigzagN8"``): same forward pass, same initialisation, the same parameters
 (:func:`ssm_tread.models.load_official` loads its checkpoints key for key). Forward:
 
 1. Patch embedding (p x p conv) [+ position embedding] -> tokens [B, N, D]; the condition
@@ -10,7 +10,7 @@ are in OFFICIAL_MODELS.md section 2): same forward pass, same initialisation, th
 2. ``depth`` blocks over the residual pair (h, r), starting from h = tokens, r = 0. Block i:
    ``r = r + h``; ``n = RMSNorm(r)``; (shift, scale, gate) = Linear(SiLU(c)) (per block,
    zero-initialised); ``h = n + gate * Mamba(modulate(n, shift, scale))``, the Mamba reading zigzag
-   path i mod num_paths (:func:`ssm_tread.scans.zigma_schedule`). The gated mixer output is added to
+   path i mod num_paths (:func:`ssm_tread.scans.zigma_scans`). The gated mixer output is added to
    the *normalised* stream and the un-normalised sum r is carried separately: this is the official
    (mamba-ssm fused add-norm) residual scheme, not DiT's ``x + gate * f(x)``.
 3. ``norm_f(r + h)`` (RMSNorm with weight) -> LayerNorm without affine -> Linear (no conditioning)
@@ -68,14 +68,14 @@ from ssm_tread.models.layers import (
     adaln_modulation,
     check_conditioning,
     modulate,
-    route_pixel_masks,
     sincos_2d,
     unpatchify,
+    with_route_masks,
 )
 from ssm_tread.models.mamba import Mamba
-from ssm_tread.models.ssm_block import MixerFactory, init_mamba_backbone, mix_in_scan_order, scan_table
+from ssm_tread.models.ssm_common import MixerFactory, init_mamba_backbone, mix_in_scan_order, scan_table
 from ssm_tread.routing import RouteSpec, ScanIndex, TokenRouter
-from ssm_tread.scans import scan_order, zigma_schedule
+from ssm_tread.scans import scan_order, zigma_scans
 
 ZIGMA_CONFIGS: dict[str, dict] = {
     f"ZigMa-{size}/{patch}": dict(hidden_size=width, depth=depth, patch_size=patch)
@@ -162,7 +162,7 @@ class ZigMa(nn.Module):
         mixer_cls: MixerFactory = Mamba,
     ):
         super().__init__()
-        schedule = zigma_schedule(depth, num_paths)  # raises for num_paths outside 1..8
+        scans = zigma_scans(depth, num_paths)  # raises for num_paths outside 1..8
         if pos_embed not in POS_EMBEDS:
             raise ValueError(f"pos_embed={pos_embed!r}; choose one of {', '.join(POS_EMBEDS)}")
         if not 0.0 <= drop_path < 1.0:
@@ -174,7 +174,7 @@ class ZigMa(nn.Module):
         self.num_classes = num_classes
         self.learn_sigma = learn_sigma
         self.depth = depth
-        self.schedule = schedule
+        self.scans = scans  # the zigzag path of each block
         # block i drops its incoming h at rate linspace(0, drop_path, depth)[i - 1] (block 0 never);
         # the final r + h at the full rate
         linspace = [drop_path * k / max(depth - 1, 1) for k in range(depth)]
@@ -198,10 +198,8 @@ class ZigMa(nn.Module):
         self.final_layer = ZigMaFinalLayer(hidden_size, patch_size, self.out_channels)
         self.router = TokenRouter(routes, depth, scan_consistent)
 
-        orders, self.block_scan = scan_table(schedule, lambda name: scan_order(name, *self.grid_size))
+        orders, self.block_scan = scan_table(scans, lambda name: scan_order(name, *self.grid_size))
         self.register_buffer("scan_orders", orders, persistent=False)  # [distinct paths, N]
-        # every grid token, raster order (the sequence is the grid)
-        self.register_buffer("grid_positions", torch.arange(num_patches), persistent=False)
 
         self._init_weights()
 
@@ -213,8 +211,8 @@ class ZigMa(nn.Module):
         nn.init.normal_(self.t_embedder.mlp[2].weight, std=0.02)
         for block in self.blocks:
             nn.init.zeros_(block.adaLN_modulation[-1].weight)
-        init_mamba_backbone(self, self.depth)  # also zeroes the patch conv's and the adaLN biases
-        nn.init.zeros_(self.x_embedder.proj.bias)
+        init_mamba_backbone(self, self.depth)  # zeroes every Linear bias but dt_proj's (the adaLN ones too)
+        nn.init.zeros_(self.x_embedder.proj.bias)  # a conv: the pass above leaves it
 
     def forward(
         self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor, return_masks: bool = False
@@ -243,6 +241,4 @@ class ZigMa(nn.Module):
         h, r = x.chunk(2, dim=-1)
         x = self.final_layer(self.norm_f(r + stochastic_depth(h, self.final_drop_rate, self.training)))  # [B, N, p*p*C_out]
         x = unpatchify(x, self.grid_size, self.patch_size, self.out_channels)  # [B, out_channels, H, W]
-        if not return_masks:
-            return x
-        return x, route_pixel_masks(routing, self.grid_positions, self.grid_size, self.patch_size, x.shape[0])
+        return with_route_masks(x, routing, self.patch_size, return_masks)

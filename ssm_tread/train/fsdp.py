@@ -34,7 +34,7 @@ def shard(model: nn.Module, mesh, bf16: bool) -> None:
     numbers. The Linear layers, whose weights autocast casts to bf16 anyway, are gathered in bf16 and their
     gradients reduced in fp32. Everything autocast leaves in fp32 stays fp32: the root (its timestep input
     too), the residual stream (no input casts), norms, adaLN tables, a Mamba mixer's conv, dt_proj, A_log
-    and D (the fp32 scan's parameters; its Linear layers are units of their own), and the DiT blocks that
+    and D (the fp32 selective scan's parameters; its Linear layers are units of their own), and the DiT blocks that
     run in fp32 after a route (``fp32_after_route``).
     """
     marked = [name for name, p in model.named_parameters() if getattr(p, "_no_weight_decay", False)]

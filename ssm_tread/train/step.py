@@ -56,7 +56,8 @@ def schedule_at(optimizer: torch.optim.Optimizer, optim: dict, total_steps: int,
 
 
 class TrainStep:
-    """``step(micro_batches)`` runs one optimizer step and returns (mean loss, gradient norm before clipping).
+    """Calling it, ``train_step(micro_batches)``, runs one optimizer step and returns (mean loss, gradient norm
+    before clipping).
 
     It is two halves, so that a caller can look at the loss before the weights change:
     :meth:`backward` (forward, loss and backward of every micro-batch, gradients averaged over them) and

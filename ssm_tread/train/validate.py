@@ -16,7 +16,7 @@ import torch
 
 from ssm_tread.train.config import GROUPS, ConfigError, defaults, model_spec
 
-SCHEDULES = ("constant", "cosine")
+LR_SCHEDULES = ("constant", "cosine")
 PRECISIONS = ("bf16", "fp32")
 DATASETS = ("digits", "mnist", "latents")
 DIGITS_GEOMETRY = {"channels": 1, "num_classes": 10}
@@ -85,7 +85,7 @@ def _first_line(error: Exception) -> str:
 def _check_model(cfg: dict, geometry: dict | None, problems: _Problems) -> None:
     """Build the model on the meta device, first without routes (checks its name and keyword arguments), then
     with them: an error is the routes' only when the model without them builds (parse_routes, or the model)."""
-    from ssm_tread.models import create_model
+    from ssm_tread.models import FAMILIES, MODEL_NAMES, create_model
     from ssm_tread.routing import parse_routes
 
     m, r = cfg["model"], cfg["routing"]
@@ -98,8 +98,7 @@ def _check_model(cfg: dict, geometry: dict | None, problems: _Problems) -> None:
         message = _first_line(e)
         if "unknown model" in message:
             problems.add("model.name", m["name"], message.split(" Valid names")[0],
-                         "choose DiT-{S,B,L,XL}/{2,4,8}, DiM-{S,B,L,H}/2, ZigMa-{S,B,M,L,H}/{1,2,4}, "
-                         "or DiT, DiM, ZigMa with model.kwargs")
+                         f"choose one of {', '.join(MODEL_NAMES)}, or {', '.join(FAMILIES)} with model.kwargs")
         else:
             problems.add("model.kwargs", m["kwargs"], message, "fix the model's keyword arguments")
         return
@@ -182,7 +181,7 @@ def _check_optim(cfg: dict, problems: _Problems) -> None:
     if oc["eps"] <= 0:
         problems.add("optim.eps", oc["eps"], "must be > 0", "e.g. optim.eps=1e-8")
     problems.at_least(cfg, "optim.warmup_steps", 0, 0)
-    problems.choice("optim.schedule", oc["schedule"], SCHEDULES)
+    problems.choice("optim.schedule", oc["schedule"], LR_SCHEDULES)
     if problems.at_least(cfg, "optim.min_lr", 0, 0.0) and oc["schedule"] == "cosine" and oc["min_lr"] > oc["lr"] > 0:
         problems.add("optim.min_lr", oc["min_lr"], f"exceeds optim.lr={oc['lr']}", "set optim.min_lr <= optim.lr")
     problems.at_least(cfg, "optim.grad_clip", 0, 1.0)

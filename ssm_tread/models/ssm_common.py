@@ -1,10 +1,11 @@
-"""Pieces shared by the state-space backbones (DiM, ZigMa).
+"""What the state-space backbones DiM and ZigMa share (each defines its own block).
 
 - :func:`mix_in_scan_order`: a mixer reads the tokens in front of it in the layer's scan order (the
   order restricted to the survivors while a route is in flight) and writes back to where they lay.
 - :func:`init_mamba_backbone`: the model-wide initialisation pass that the official DiM and ZigMa both
-  apply (OFFICIAL_MODELS.md sections 2.4 and 3.8).
-- :func:`scan_table`: the distinct scan orders of a schedule, stacked once, and each layer's row.
+  apply (mamba-ssm's ``_init_weights``, called by github.com/CompVis/zigma and
+  github.com/tyshiwo1/DiM-DiffusionMamba).
+- :func:`scan_table`: the distinct scan orders of the layers' scans, stacked once, and each layer's row.
 
 Shapes: B batch, L sequence length, K tokens in a route, D hidden size, h x w patch grid, p patch size.
 """
@@ -43,12 +44,12 @@ def init_mamba_backbone(model: nn.Module, depth: int) -> None:
             nn.init.normal_(module.weight, std=0.02)
 
 
-def scan_table(schedule: list[str], order_of: Callable[[str], torch.Tensor]) -> tuple[torch.Tensor, list[int]]:
-    """Stack the distinct orders of ``schedule`` (layer i reads ``schedule[i]``) once.
+def scan_table(scans: list[str], order_of: Callable[[str], torch.Tensor]) -> tuple[torch.Tensor, list[int]]:
+    """Stack the distinct orders of ``scans`` (layer i reads ``scans[i]``) once.
 
     Returns ``orders`` [S, L] (``order_of(name)`` for the S distinct names, in order of first use) and
     ``rows`` (layer i reads ``orders[rows[i]]``). Layers sharing an order share its row, so the routing
     pass's per-order cache builds each restricted permutation once.
     """
-    names = list(dict.fromkeys(schedule))
-    return torch.stack([order_of(name) for name in names]), [names.index(name) for name in schedule]
+    names = list(dict.fromkeys(scans))
+    return torch.stack([order_of(name) for name in names]), [names.index(name) for name in scans]
