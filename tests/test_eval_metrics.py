@@ -94,14 +94,28 @@ def test_inception_score_one_hot_is_k(k):
     assert inception_score(logits, splits=10) == pytest.approx(k, rel=1e-6)
 
 
-def test_inception_score_matches_naive_formula():
-    logits = np.random.default_rng(5).standard_normal((300, 7)) * 3
+def naive_inception_score(logits, splits):
     p = np.exp(logits) / np.exp(logits).sum(1, keepdims=True)
     scores = []
-    for part in np.array_split(p, 3):
+    for part in np.array_split(p, splits):
         kl = (part * (np.log(part) - np.log(part.mean(0)))).sum(1).mean()
         scores.append(np.exp(kl))
-    assert inception_score(logits, splits=3) == pytest.approx(np.mean(scores), rel=1e-10)
+    return np.mean(scores)
+
+
+@pytest.mark.parametrize("n", [300, 301, 302])  # 3 splits of equal and of unequal sizes
+def test_inception_score_matches_naive_formula(n):
+    logits = np.random.default_rng(5).standard_normal((n, 7)) * 3
+    assert inception_score(logits, splits=3) == pytest.approx(naive_inception_score(logits, 3), rel=1e-10)
+
+
+def test_inception_score_of_shifted_logits():
+    """Softmax ignores a per-row shift: logits of 1e4 (whose exp overflows float64) give the score of the
+    unshifted ones."""
+    rng = np.random.default_rng(9)
+    logits = rng.standard_normal((300, 7)) * 3
+    shifted = logits + rng.uniform(1e4, 2e4, (300, 1))
+    assert inception_score(shifted, splits=3) == pytest.approx(naive_inception_score(logits, 3), rel=1e-9)
 
 
 def test_manifold_radii_brute_force():

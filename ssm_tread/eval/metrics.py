@@ -1,7 +1,8 @@
 """Feature-space metrics of the ADM suite: Frechet distance, Inception Score, improved precision/recall."""
+import math
+
 import numpy as np
 import torch
-from scipy.special import log_softmax, logsumexp
 
 
 def feature_statistics(features):
@@ -61,14 +62,14 @@ def frechet_distance_of(features, mu, sigma):
 
 def inception_score(logits, splits=10):
     """exp(E_x KL(p(y|x) || p(y))) averaged over `splits` equal chunks (ADM: 50,000 samples in 10 splits of 5,000)."""
-    logp = log_softmax(np.asarray(logits, dtype=np.float64), axis=1)  # [N, K]
+    logp = torch.as_tensor(np.asarray(logits), dtype=torch.float64).log_softmax(dim=1)  # [N, K]
     if len(logp) < splits:
         raise ValueError(f"inception_score needs at least {splits} samples for {splits} splits, got {len(logp)}")
     scores = []
-    for part in np.array_split(logp, splits):
-        log_marginal = logsumexp(part, axis=0) - np.log(len(part))  # log p(y), [K]
-        kl = (np.exp(part) * (part - log_marginal)).sum(axis=1).mean()
-        scores.append(np.exp(kl))
+    for part in logp.tensor_split(splits):  # the chunks of np.array_split
+        log_marginal = part.logsumexp(dim=0) - math.log(len(part))  # log p(y), [K]
+        kl = (part.exp() * (part - log_marginal)).sum(dim=1).mean()
+        scores.append(kl.exp().item())
     return float(np.mean(scores))
 
 

@@ -2,6 +2,6 @@
 (``trainer.train``: DDP through accelerate, or FSDP), EMA (``ema``) and evaluation during training.
 
 The package imports nothing on its own, so that ``ssm_tread.train.step`` can be used without the loop's
-dependencies (accelerate, scipy, tensorboard): import from the submodules, e.g.
+dependencies (accelerate, tensorboard): import from the submodules, e.g.
 ``from ssm_tread.train.trainer import train``.
 """
