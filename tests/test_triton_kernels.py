@@ -60,3 +60,20 @@ def test_sass_loops_counts_each_loops_own_instructions():
     assert sorted(by_depth) == [1, 2]
     assert (by_depth[2]["all"], by_depth[2]["shuffles"], by_depth[2]["shared"]) == (3, 1, 1)
     assert (by_depth[1]["all"], by_depth[1]["sfu"], by_depth[1]["barriers"]) == (3, 1, 1)
+
+
+def test_backward_compiles_each_scan_once():
+    """The backward has two scans a state, h's and w's. triton 3.6 compiled w's a second time, in the
+    layout it gave tiles loaded in reverse time order (steps 8 apart a thread), before those were read
+    as runs forward in time (``load_reversed``)."""
+    import torch
+
+    from ssm_tread.ops.triton_scan import interpreted
+    from tools.bench.kernels import compile_one, scan_launches
+
+    if interpreted():
+        pytest.skip("TRITON_INTERPRET is set: the interpreter has no compiler")
+    kernel, launch = scan_launches(2048, 366, torch.bfloat16, device="meta")[1]
+    compiled, _, spills = compile_one(kernel, launch, 90)
+    assert compiled.asm["ttgir"].count('"tt.scan"') == 2
+    assert spills == 0

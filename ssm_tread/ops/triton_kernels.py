@@ -29,7 +29,27 @@ def softplus(x):
 @triton.jit
 def load_dt(delta_ptr, bias, offs, mask, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr):
     """dt (float32, 0 outside the sequence) and the raw value it came from."""
-    raw = tl.load(delta_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    return dt_of(tl.load(delta_ptr + offs, mask=mask, other=0.0).to(tl.float32), bias, mask, HAS_BIAS, SOFTPLUS)
+
+
+@triton.jit
+def load_reversed(ptr, s_e, s_t, first, shift, L, rows, BLOCK_E: tl.constexpr, CHUNK: tl.constexpr):
+    """[BLOCK_E, CHUNK] float32 tile in reverse time order: step s holds time first + shift + CHUNK - 1 - s
+    (0 past L, and in rows from ``rows`` on) of the rows at ``ptr``, ``s_e`` apart. Read as runs of 4
+    steps forward in time, which Triton vectorises and lays out one run a thread, each turned around
+    in registers (a load in reverse order is neither, and triton 3.6 laid it along channels). The
+    runs are indexed [row and run, step]: with rows and runs as two dimensions of equal contiguity,
+    triton 3.6 and 3.8 ordered the threads differently, and 3.6 ran w's scan in two layouts."""
+    m = tl.arange(0, BLOCK_E * (CHUNK // 4))
+    row = m // (CHUNK // 4)
+    t = first + shift + 4 * (CHUNK // 4 - 1 - m % (CHUNK // 4))[:, None] + tl.arange(0, 4)[None, :]
+    x = tl.load(ptr + row[:, None] * s_e + t * s_t, mask=(row < rows)[:, None] & (t < L), other=0.0)
+    return tl.reshape(tl.flip(x.to(tl.float32), 1), (BLOCK_E, CHUNK))
+
+
+@triton.jit
+def dt_of(raw, bias, mask, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr):
+    """dt (0 where ``mask`` is not set) from the loaded delta, and delta + bias."""
     if HAS_BIAS:
         raw += bias[:, None]
     dt = raw
@@ -39,13 +59,16 @@ def load_dt(delta_ptr, bias, offs, mask, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.co
 
 
 @triton.jit
-def load_dy_scan(dy_ptrs, z_ptrs, mask, HAS_Z: tl.constexpr):
-    """dLoss/d(scan output + D u) from dLoss/dy: dy * silu(z) when the output was gated."""
-    dy = tl.load(dy_ptrs, mask=mask, other=0.0).to(tl.float32)
-    if HAS_Z:
-        z = tl.load(z_ptrs, mask=mask, other=0.0).to(tl.float32)
-        dy *= z * tl.sigmoid(z)
-    return dy
+def reverse_steps(x, BLOCK_E: tl.constexpr, CHUNK: tl.constexpr):
+    """x [BLOCK_E, CHUNK] with its steps in reverse order: the runs of 4 steps (one a
+    thread, the layout Triton gives the backward's [4, 32] tiles on one warp) swapped
+    across lanes by a tl.gather, then each turned around in registers. A tl.gather of single steps
+    puts one step on each lane, and the tiles it meets follow it there (a reduction along time then
+    costs 5 rounds of shuffles a row instead of 3)."""
+    backwards = CHUNK // 4 - 1 - tl.arange(0, CHUNK // 4)
+    swapped = tl.gather(tl.reshape(x, (BLOCK_E, CHUNK // 4, 4)),
+                        tl.broadcast_to(backwards[None, :, None], (BLOCK_E, CHUNK // 4, 4)), 1)
+    return tl.reshape(tl.flip(swapped, 2), (BLOCK_E, CHUNK))
 
 
 @triton.jit
@@ -134,10 +157,11 @@ def scan_bwd_kernel(
     chunks = tl.cdiv(L, CHUNK)
     # The states h come from a scan forward in time, dLoss/dh = w from one backward in time. Rather than
     # a reverse scan (which Triton lowers as flips, across lanes), everything but the forward scan is
-    # computed on tiles loaded in reverse time order, where w's scan runs forward too; one tl.gather
-    # turns a_t h_{t-1} around. The carry a_{t0} w_{t0} of the chunk after (t0 its first step), dLoss/dh
-    # at this chunk's end, is read from one half of carry_ptr and this chunk's written to the other.
-    reversed_steps = tl.broadcast_to(CHUNK - 1 - steps[None, :], (BLOCK_E, CHUNK))
+    # computed on tiles in reverse time order (suffix _r, load_reversed), where w's scan runs forward
+    # too; reverse_steps turns a_t h_{t-1} around. The carry a_{t0} w_{t0} of the chunk after (t0 its
+    # first step), dLoss/dh at this chunk's end, is read from one half of carry_ptr and this chunk's
+    # written to the other. B and C are loaded as [BLOCK_E, CHUNK] tiles (rows repeated) in the layout
+    # of the tiles they meet: a row vector broadcast put them, and w's scan with them, one step a lane.
     grad_D = tl.zeros((BLOCK_E,), tl.float32)
     grad_bias = tl.zeros((BLOCK_E,), tl.float32)
     for i in range(0, chunks):
@@ -151,15 +175,23 @@ def scan_bwd_kernel(
         r = chunk * CHUNK + CHUNK - 1 - steps  # reverse time order, for everything else
         r_ok = r < L
         mask_r = row_ok[:, None] & r_ok[None, :]
-        offs_r = e[:, None] * s_de + r[None, :] * s_dt
-        dt_r, _ = load_dt(delta_ptr + b * s_db, bias, offs_r, mask_r, HAS_BIAS, SOFTPLUS)
-        dt_next_r, _ = load_dt(delta_ptr + b * s_db + s_dt, bias, offs_r, row_ok[:, None] & (r + 1 < L)[None, :],
-                               HAS_BIAS, SOFTPLUS)
-        u_offs_r = u_ptr + b * s_ub + e[:, None] * s_ue + r[None, :] * s_ut
-        dtu_r = dt_r * tl.load(u_offs_r, mask=mask_r, other=0.0).to(tl.float32)
+        first = chunk * CHUNK
+        e0 = g * channels_per_group + block * BLOCK_E  # the block's first channel
+        rows_left = channels_per_group - block * BLOCK_E
+        delta_rows = delta_ptr + b * s_db + e0 * s_de
+        u_rows = u_ptr + b * s_ub + e0 * s_ue
+        dy_rows = dy_ptr + (b * E + e0) * L
+        z_rows = z_ptr + b * s_zb + e0 * s_ze
+        dt_r, _ = dt_of(load_reversed(delta_rows, s_de, s_dt, first, 0, L, rows_left, BLOCK_E, CHUNK), bias, mask_r,
+                        HAS_BIAS, SOFTPLUS)
+        dt_next_r, _ = dt_of(load_reversed(delta_rows, s_de, s_dt, first, 1, L, rows_left, BLOCK_E, CHUNK), bias,
+                             row_ok[:, None] & (r + 1 < L)[None, :], HAS_BIAS, SOFTPLUS)
+        dtu_r = dt_r * load_reversed(u_rows, s_ue, s_ut, first, 0, L, rows_left, BLOCK_E, CHUNK)
+        dy_scan_r = load_reversed(dy_rows, L, 1, first, 0, L, rows_left, BLOCK_E, CHUNK)
+        if HAS_Z:
+            z_r = load_reversed(z_rows, s_ze, s_zt, first, 0, L, rows_left, BLOCK_E, CHUNK)
+            dy_scan_r *= z_r * tl.sigmoid(z_r)
         dy_offs_r = (b * E + e[:, None]) * L + r[None, :]
-        z_offs_r = b * s_zb + e[:, None] * s_ze + r[None, :] * s_zt
-        dy_scan_r = load_dy_scan(dy_ptr + dy_offs_r, z_ptr + z_offs_r, mask_r, HAS_Z)
         y_r = tl.zeros((BLOCK_E, CHUNK), tl.float32)  # scan output, for dz
         grad_dtu_r = tl.zeros((BLOCK_E, CHUNK), tl.float32)  # dLoss/d(dt_t u_t)
         grad_dt_r = tl.zeros((BLOCK_E, CHUNK), tl.float32)  # dLoss/d dt_t through the decays
@@ -169,35 +201,34 @@ def scan_bwd_kernel(
         for n in range(0, N):
             A_n = tl.load(A_ptr + e * N + n, mask=row_ok, other=0.0).to(tl.float32)
             A2_n = A_n * LOG2_E
-            B_n = tl.load(B_base + n * s_Bn + t * s_Bt).to(tl.float32)  # rows padded with zeros to whole chunks
-            B_r = tl.load(B_base + n * s_Bn + r * s_Bt).to(tl.float32)
-            C_r = tl.load(C_base + n * s_Cn + r * s_Ct).to(tl.float32)
+            B_n = tl.load(B_base + n * s_Bn + t[None, :] * s_Bt + 0 * e[:, None]).to(tl.float32)  # zero-padded
+            B_r = load_reversed(B_base + n * s_Bn, 0, s_Bt, first, 0, L, rows_left, BLOCK_E, CHUNK)
+            C_r = load_reversed(C_base + n * s_Cn, 0, s_Ct, first, 0, L, rows_left, BLOCK_E, CHUNK)
             h0 = tl.load(h0_base + n, mask=row_ok, other=0.0)
             a = tl.exp2(dt * A2_n[:, None])
-            bu = dtu * B_n[None, :]
+            bu = dtu * B_n
             _, h = tl.associative_scan((a, bu + tl.where(steps[None, :] == 0, a * h0[:, None], 0.0)), 1, affine)
-            decayed_r = tl.gather(h - bu, reversed_steps, 1)  # a_t h_{t-1}, reverse time order
-            h_r = decayed_r + dtu_r * B_r[None, :]
-            y_r += h_r * C_r[None, :]
+            decayed_r = reverse_steps(h - bu, BLOCK_E, CHUNK)  # a_t h_{t-1}, reverse time order
+            h_r = decayed_r + dtu_r * B_r
+            y_r += h_r * C_r
             # w_t = C_t dy_t + a_{t+1} w_{t+1}; past the chunk's end, a_{t+1} w_{t+1} is the carry
             carry = tl.load(carry_in + n, mask=row_ok, other=0.0)
-            c_r = dy_scan_r * C_r[None, :] + tl.where(steps[None, :] == 0, carry[:, None], 0.0)
+            c_r = dy_scan_r * C_r + tl.where(steps[None, :] == 0, carry[:, None], 0.0)
             _, w_r = tl.associative_scan((tl.exp2(dt_next_r * A2_n[:, None]), c_r), 1, affine)
-            grad_dtu_r += w_r * B_r[None, :]
+            grad_dtu_r += w_r * B_r
             q_r = w_r * decayed_r  # w_t a_t h_{t-1} = dLoss/d(dt_t A)
             grad_dt_r += q_r * A_n[:, None]
             # dA [b, E, N] (zeros on entry) is this program's alone: its adds come in chunk order
-            tl.atomic_add(dA_ptr + (b * E + e) * N + n, tl.sum(q_r * dt_r, axis=1), mask=row_ok)
+            tl.atomic_add(dA_ptr + (b * E + e) * N + n, tl.sum(q_r * dt_r, axis=1), mask=row_ok, sem="relaxed")
             grad_B_n = tl.sum(w_r * dtu_r, axis=0)  # rows past the group have dtu = dy_scan = 0
             grad_C_n = tl.sum(h_r * dy_scan_r, axis=0)
-            tl.atomic_add(dB_ptr + (grad_BC_row + n) * L + r, grad_B_n, mask=r_ok)
-            tl.atomic_add(dC_ptr + (grad_BC_row + n) * L + r, grad_C_n, mask=r_ok)
+            tl.atomic_add(dB_ptr + (grad_BC_row + n) * L + r, grad_B_n, mask=r_ok, sem="relaxed")
+            tl.atomic_add(dC_ptr + (grad_BC_row + n) * L + r, grad_C_n, mask=r_ok, sem="relaxed")
             w_first = tl.sum(tl.where(steps[None, :] == CHUNK - 1, w_r, 0.0), axis=1)
             tl.store(carry_out + n, tl.exp2(dt_first * A2_n) * w_first, mask=row_ok)
         tl.debug_barrier()  # the carries just written are read by other threads in the next chunk
         # the inputs that the state loop did not need, loaded again rather than kept in registers
-        u_r = tl.load(u_offs_r, mask=mask_r, other=0.0).to(tl.float32)
-        _, raw_r = load_dt(delta_ptr + b * s_db, bias, offs_r, mask_r, HAS_BIAS, SOFTPLUS)
+        u_r = load_reversed(u_rows, s_ue, s_ut, first, 0, L, rows_left, BLOCK_E, CHUNK)
         grad_u = grad_dtu_r * dt_r
         grad_dt_r += grad_dtu_r * u_r
         if HAS_D:
@@ -205,11 +236,14 @@ def scan_bwd_kernel(
             grad_D += tl.sum(dy_scan_r * u_r, axis=1)
             y_r += D[:, None] * u_r
         if HAS_Z:
-            dy = tl.load(dy_ptr + dy_offs_r, mask=mask_r, other=0.0).to(tl.float32)
-            z = tl.load(z_ptr + z_offs_r, mask=mask_r, other=0.0).to(tl.float32)
+            dy = load_reversed(dy_rows, L, 1, first, 0, L, rows_left, BLOCK_E, CHUNK)
+            z = load_reversed(z_rows, s_ze, s_zt, first, 0, L, rows_left, BLOCK_E, CHUNK)
             gate = tl.sigmoid(z)
             tl.store(dz_ptr + dy_offs_r, dy * y_r * gate * (1.0 + z * (1.0 - gate)), mask=mask_r)
         if SOFTPLUS:
+            raw_r = load_reversed(delta_rows, s_de, s_dt, first, 0, L, rows_left, BLOCK_E, CHUNK)
+            if HAS_BIAS:
+                raw_r += bias[:, None]
             grad_dt_r = tl.where(raw_r > 20.0, grad_dt_r, grad_dt_r * tl.sigmoid(raw_r))
         grad_dt_r = tl.where(mask_r, grad_dt_r, 0.0)
         grad_bias += tl.sum(grad_dt_r, axis=1)

@@ -20,7 +20,8 @@ Layout, which decides the speed (tools/bench/kernels.py): Triton gives each thre
 steps (an in-thread scan, then few shuffles) only when it can prove the rows aligned and
 contiguous. So u (and in the backward dt and z, which the mixer passes along channels) are copied
 to rows padded to a multiple of 16 steps where they are not, and B, C to whole chunks with zeros,
-so that every step loads them unmasked.
+so that every step loads them unmasked. The backward's tiles in reverse time order are read as runs
+of steps forward in time, each turned around in registers (``triton_kernels.load_reversed``).
 
 Triton kernels run on CUDA tensors, and on CPU tensors when ``TRITON_INTERPRET=1`` was set before
 triton was imported (triton's own library functions are defined at its import): how the tests run them.
