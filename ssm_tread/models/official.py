@@ -52,6 +52,7 @@ DIM_RULES: list[tuple[str, str, Transform, Transform]] = [
     ("proj_out_1.{x}", "final_layer.adaLN_modulation.1.{x}", _same, _same),
     ("proj_out_2.{x}", "final_layer.linear.{x}", _same, _same),
 ]
+DIM_512_TOKENS = 32 * 32  # patch tokens of the official DiM-H/2 ImageNet-512 fine-tune (64x64 latent, patch 2)
 ZIGMA_RULES: list[tuple[str, str, Transform, Transform]] = [("{x}", "{x}", _same, _same)]
 RULES = {"DiM": DIM_RULES, "ZigMa": ZIGMA_RULES}
 
@@ -133,9 +134,10 @@ def to_official(arch: str, state: Mapping[str, torch.Tensor]) -> dict[str, torch
 def infer_kwargs(arch: str, official_state: Mapping[str, torch.Tensor], **given) -> dict:
     """Our constructor keywords: ``given``, completed from an official state dict's shapes with
     ``in_channels, patch_size, hidden_size, depth, num_classes, learn_sigma, d_state, d_conv, expand``
-    and, where the position embedding tells, ``input_size`` (square inputs); ZigMa also ``pos_embed``
-    ("learned" when stored, else "none") and ``class_dropout_prob`` (0: the official table has no null
-    row; given > 0, the table's last row is taken for our null class)."""
+    and, where the position embedding tells, ``input_size`` (square inputs); DiM also ``pad_layout``
+    ("rho_pad" for a 32x32 patch grid, the official ImageNet-512 fine-tune, else "lateral"); ZigMa also
+    ``pos_embed`` ("learned" when stored, else "none") and ``class_dropout_prob`` (0: the official table
+    has no null row; given > 0, the table's last row is taken for our null class)."""
     arch = check_arch(arch)
     shape = {k: tuple(v.shape) for k, v in to_ours(arch, official_state).items()}
     kwargs = {}  # what the shapes tell; keys that are missing surface in load_official's one error
@@ -157,6 +159,9 @@ def infer_kwargs(arch: str, official_state: Mapping[str, torch.Tensor], **given)
         if table is not None:
             kwargs["num_classes"] = table[0] - 1  # the last row is the null class
         tokens = shape["pos_embed"][1] - 2 if "pos_embed" in shape else 0  # [tau, kappa, patches]
+        # the weights do not record the padding layout: the one official 32x32-grid model (the ImageNet-512
+        # fine-tune) pads with "rho_pad", the ImageNet-256 ones with "lateral"
+        kwargs["pad_layout"] = "rho_pad" if tokens == DIM_512_TOKENS else "lateral"
     else:
         null_row = given.get("class_dropout_prob", 0.0) > 0
         kwargs.update(num_classes=0 if table is None else table[0] - null_row, class_dropout_prob=0.0,
