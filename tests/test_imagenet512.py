@@ -38,10 +38,11 @@ from ssm_tread import viz
 from ssm_tread.data.extract import extract_latents
 from ssm_tread.data.latents import read_json
 from ssm_tread.eval.adm import REFERENCE_BATCHES, evaluate_npz
-from ssm_tread.models import create_model, load_official
+from ssm_tread.models import count_macs, create_model, load_official
 from ssm_tread.models.dim import NUM_PREFIX
 from ssm_tread.models.layers import sincos_2d
-from ssm_tread.models.official import to_official
+from ssm_tread.models.official import infer_kwargs, to_official
+from ssm_tread.sampling import load_for_sampling
 from ssm_tread.train.config import ConfigError, load_config, model_spec
 from ssm_tread.train.evaluation import check_eval_config
 from ssm_tread.train.trainer import train
@@ -84,6 +85,32 @@ def test_a_dit_checkpoint_in_the_512_layout_loads_strictly_and_computes_the_refe
                                      out_channels=8)
     assert out.shape == (2, 8, LATENT, LATENT) and expected.abs().mean() > 0.1
     torch.testing.assert_close(out, expected, rtol=0, atol=PARITY_TOLERANCE)
+
+
+def test_dit_xl2_at_512_costs_the_published_gflops():
+    """DiT's README: DiT-XL/2 at 512 x 512, 525 Gflops (multiply-accumulates of one forward)."""
+    with torch.device("meta"):
+        model = create_model("DiT-XL/2", input_size=LATENT)
+    assert round(count_macs(model, routed=False) / 1e9) == 525
+
+
+def test_an_official_dit_512_checkpoint_converts_and_samples(tmp_path):
+    """DiT's training checkpoints hold "model" and "ema" (the released files the EMA alone): the EMA is taken,
+    the sizes read off the weights, the heads from the preset (here given: width 64 is no preset)."""
+    shapes = reference_keys(depth=2, hidden=64, patch=2, channels=4, classes=CLASSES, tokens=GRID * GRID)
+    ema, raw = random_state(shapes, seed=4), random_state(shapes, seed=5)
+    torch.save({"model": raw, "ema": ema}, tmp_path / "DiT-512.pt")
+    with pytest.raises(ValueError, match="give it .--set num_heads=N."):
+        convert("dit", str(tmp_path / "DiT-512.pt"), str(tmp_path / "bad.pt"))
+    out = tmp_path / "run" / "checkpoints" / "step-0000000.pt"
+    convert("dit", str(tmp_path / "DiT-512.pt"), str(out), model_overrides={"num_heads": 4})
+    model, _, cfg = load_for_sampling(tmp_path / "run", torch.device("cpu"))
+    assert (model.input_size, model.num_classes, model.learn_sigma) == (LATENT, CLASSES, True)
+    assert cfg["_name"] == "dit_xl2_512" and cfg["sample"]["guided_channels"] == 3
+    assert all(torch.equal(model.state_dict()[k], v) for k, v in ema.items())
+    with torch.device("meta"):
+        xl = {k: torch.empty(v) for k, v in reference_keys(28, 1152, 2, 4, 1000, GRID * GRID).items()}
+    assert infer_kwargs("DiT", xl)["num_heads"] == 16  # DiT-XL/2's, from the preset
 
 
 # ---- DiM-H/2's ImageNet-512 fine-tune ----
