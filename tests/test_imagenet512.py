@@ -46,7 +46,7 @@ from ssm_tread.sampling import load_for_sampling
 from ssm_tread.train.config import ConfigError, load_config, model_spec
 from ssm_tread.train.evaluation import check_eval_config
 from ssm_tread.train.trainer import train
-from tools.bench.plan import activation_bytes
+from tools.bench.plan import activation_bytes, plan_row, plan_table
 from tools.bench.specs import RandomLatents
 from tools.convert_checkpoint import convert
 
@@ -243,6 +243,19 @@ def test_the_memory_count_on_the_meta_device_equals_a_real_forwards(name, kwargs
         real = activation_bytes(model, routed, torch.float32)
         assert real > 0 and activation_bytes(meta, routed, torch.float32) == real
     assert activation_bytes(meta, True) < activation_bytes(meta, False)
+
+
+def test_a_planning_row_has_the_published_dit_figures():
+    """DiT-S/2 at 256: 32,963,360 parameters and 6.06 GMACs (the DiT paper); TREAD's route 2 -> 8 at ratio 0.5
+    runs 7 of the 12 blocks on half the tokens: 12 / (5 + 7 / 2) = 1.41 for the blocks' linear work, a little
+    more with attention's quadratic part."""
+    row = plan_row("dit_s2", 256)
+    assert (row.model, row.tokens, row.params, round(row.macs / 1e9, 2)) == ("DiT-S/2", 256, 32_963_360, 6.06)
+    assert row.routes == [(2, 8, 0.5)] and 1.41 < row.speedup < 1.5
+    assert row.training_state == 20 * row.params and row.activations_tread < row.activations
+    assert "| DiT-S/2 | 256 | 256 | 2 -> 8 at 0.5 | 33.0M | 6.06 |" in plan_table([row])
+    with pytest.raises(ValueError, match="resolution 384"):
+        plan_row("dit_s2", 384)
 
 
 # ---- a 512-style run end to end ----

@@ -197,7 +197,7 @@ def plan(args):
     from tools.bench.plan import PLAN_CONFIGS, plan_row, plan_table
 
     configs = args.configs or PLAN_CONFIGS
-    rows = [plan_row(config, resolution) for resolution in args.resolutions for config in configs]
+    rows = [plan_row(config, resolution) for config in configs for resolution in args.resolutions]
     table = plan_table(rows)
     print(table)
     if args.out:
