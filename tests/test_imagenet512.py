@@ -312,6 +312,17 @@ def test_a_512_run_extracts_trains_samples_and_evaluates(tmp_path, inception):  
         assert min(grid.size) >= 512  # one decoded 512 x 512 sample
 
 
+def test_an_image_size_the_vae_cannot_halve_down_is_refused_before_any_work(tmp_path):
+    from helpers import save_tiny_vae  # 2x down
+
+    (tmp_path / "images" / "ant").mkdir(parents=True)
+    Image.new("RGB", (20, 20)).save(tmp_path / "images" / "ant" / "0.png")
+    with pytest.raises(ValueError, match="--image-size 17 is not a multiple of the VAE's downsampling factor 2"):
+        extract_latents(str(tmp_path / "images"), str(tmp_path / "out"), save_tiny_vae(tmp_path / "vae"), image_size=17,
+                        num_workers=0, progress=False)
+    assert not (tmp_path / "out").exists()
+
+
 class MeanColours:
     """A stand-in feature extractor for the ADM suite's shapes: mean colours of 8 x 8 blocks."""
 
