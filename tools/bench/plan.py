@@ -64,7 +64,7 @@ def fused_attention() -> Iterator[None]:
 
 def activation_bytes(model: torch.nn.Module, routed: bool, dtype: torch.dtype = torch.bfloat16) -> int:
     """Bytes autograd saves in one training forward of one image through ``model`` (on any device, the meta
-    device included), the model cast to ``dtype``; ``routed``: with every route of its router taken."""
+    device included), the model cast to ``dtype`` in place; ``routed``: with every route of its router taken."""
     model = model.to(dtype).eval()  # eval: no label dropout; the routes are forced below
     parameter = next(model.parameters())
     side = model.input_size
