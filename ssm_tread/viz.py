@@ -25,6 +25,7 @@ from matplotlib.colors import ListedColormap, Normalize
 from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 
+from ssm_tread.models.dim import NUM_PAD
 from ssm_tread.routing import Route, restrict_order, select_tokens
 from ssm_tread.scans import SCAN_NAMES, inverse_order, layer_scans, scan_order
 
@@ -64,6 +65,17 @@ def keep_subset(height: int, width: int, ratio: float = 0.5, seed: int = 0) -> t
     n = height * width
     generator = torch.Generator().manual_seed(seed)
     return select_tokens(1, n, Route(0, 0, ratio).num_kept(n), torch.device("cpu"), generator)[0]
+
+
+def padded_keep(keep: torch.Tensor, height: int, width: int, pad: int = NUM_PAD) -> torch.Tensor:
+    """The tokens a DiM layer reads on its padded grid, (height + pad) x (width + pad) with ``pad`` padding
+    columns after every row and ``pad`` padding rows below: the kept image tokens ``keep`` (raster indices of
+    the height x width grid, in selection order) at their cells, then every padding cell, which no route
+    bypasses. LongTensor[K + padding cells] of raster indices of the padded grid."""
+    padded_width = width + pad
+    cells = torch.arange((height + pad) * padded_width)
+    is_pad = (cells // padded_width >= height) | (cells % padded_width >= width)
+    return torch.cat([keep // width * padded_width + keep % width, cells[is_pad]])
 
 
 def restricted_path(name: str, keep: torch.Tensor, height: int, width: int) -> torch.Tensor:

@@ -138,7 +138,7 @@ def reference_forward(sd: dict, x, t, y, patch: int, heads: int, out_channels: i
     h = h.flatten(2).transpose(1, 2) + sd["pos_embed"]
     freqs = torch.exp(-math.log(10000) * torch.arange(128, dtype=torch.float32) / 128)
     args = t[:, None].float() * freqs[None]
-    t_freq = torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
+    t_freq = torch.cat([torch.cos(args), torch.sin(args)], dim=-1).to(h.dtype)  # float32, then the weights' dtype
     c = linear(F.silu(linear(t_freq, "t_embedder.mlp.0")), "t_embedder.mlp.2")
     c = c + sd["y_embedder.embedding_table.weight"][y]
 

@@ -233,8 +233,11 @@ def dim_scans_reference(depth):
     return k
 
 
-def dim_reference(sd, x, t, y, depth):
-    """Official DiM (tyshiwo1/DiM-DiffusionMamba mamba_2d.py and adapter_attn4mamba.py)."""
+def dim_reference(sd, x, t, y, depth, pad_layout="lateral"):
+    """Official DiM (tyshiwo1/DiM-DiffusionMamba mamba_2d.py and adapter_attn4mamba.py). ``pad_layout``: the
+    padding of the ImageNet-256 configs ("lateral": pad i - h in the padding rows, else j - w), or of the
+    ImageNet-512 fine-tune ("rho_pad", configs/imagenet512_H_DiM_ft.py there: the padding cells, counted in
+    raster order, take the pad tokens 0, 1, 2, 0, 1, 2, ...)."""
     d = sd["pos_embed.proj.weight"].shape[0]
     g = x.shape[-1] // P
     tau = sinusoid(t, d)
@@ -248,15 +251,18 @@ def dim_reference(sd, x, t, y, depth):
     grid = F.conv2d(grid, sd["a4m_adapter.first_smoother.weight"], sd["a4m_adapter.first_smoother.bias"],
                     padding=1, groups=d)
     pad = sd["a4m_adapter.pad_token"]  # [1, D, 3]
-    cells = []
+    cells, padding_cells = [], 0
     for i in range(g + 3):
         for j in range(g + 3):
             if i < g and j < g:
                 cells.append(grid[:, :, i, j])
-            elif i >= g:
-                cells.append(pad[:, :, i - g].expand(x.shape[0], -1))
+                continue
+            if pad_layout == "rho_pad":
+                k = padding_cells % 3
             else:
-                cells.append(pad[:, :, j - g].expand(x.shape[0], -1))
+                k = i - g if i >= g else j - g
+            padding_cells += 1
+            cells.append(pad[:, :, k].expand(x.shape[0], -1))
     learned = sd["a4m_adapter.pad_token_dec_split"].expand(x.shape[0], -1, -1)
     s = torch.cat([s[:, :2], learned, torch.stack(cells, dim=1)], dim=1)
     patterns = dim_patterns(g + 3, g + 3)

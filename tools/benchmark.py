@@ -22,6 +22,10 @@
     python tools/benchmark.py study configs/study_mnist.py --workers 9     # on a GPU: the 16x16-token study
     python tools/benchmark.py study configs/study_mnist.py --dry-run       # the same at toy size, CPU, ~1 min
 
+    # planning table: per preset at 256 and 512, parameters, forward GMACs with and without TREAD, activation
+    # memory per sample in bf16, the analytic speedup; counted on the meta device (seconds, no GPU, no weights)
+    python tools/benchmark.py plan --out docs/results/plan
+
     # compile every Triton kernel for sm_90 (no GPU needed): registers, spills, shared memory per config,
     # and the static SASS cost model: per-loop instruction counts, est_us and roofline_us on an H200, batch 32
     python tools/benchmark.py kernels --arch 90 --json docs/results/kernels_sm90.json
@@ -186,6 +190,26 @@ def kernels(args):
         print(f"wrote {args.json}")
 
 
+def plan(args):
+    import json
+    from dataclasses import asdict
+
+    from tools.bench.plan import PLAN_CONFIGS, plan_row, plan_table
+
+    configs = args.configs or PLAN_CONFIGS
+    rows = [plan_row(config, resolution) for config in configs for resolution in args.resolutions]
+    table = plan_table(rows)
+    print(table)
+    if args.out:
+        os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
+        with open(f"{args.out}.md", "w") as f:
+            f.write(table + "\n")
+        with open(f"{args.out}.json", "w") as f:
+            json.dump([{**asdict(r), "speedup": r.speedup, "training_state": r.training_state} for r in rows], f,
+                      indent=1)
+        print(f"wrote {args.out}.md and {args.out}.json")
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="command", required=True)
@@ -250,6 +274,13 @@ def main(argv=None):
     s.add_argument("--dry-run", action="store_true", help="the same runs at toy size, first seed only (CPU, seconds "
                                                           "a run): checks that the study will run")
     s.set_defaults(run=study)
+
+    s = sub.add_parser("plan", help="planning table at 256 and 512: params, GMACs, memory per sample (meta device)")
+    s.add_argument("--configs", nargs="+", help="config names whose _tread.py variant gives the model and routes, "
+                                                "e.g. dit_xl2 dim_h (default: every preset)")
+    s.add_argument("--resolutions", nargs="+", type=int, default=[256, 512], choices=[256, 512])
+    s.add_argument("--out", default=None, help="output prefix: writes PREFIX.md and PREFIX.json")
+    s.set_defaults(run=plan)
 
     s = sub.add_parser("kernels", help="compile every Triton kernel for a GPU architecture: registers, spills, estimated H200 time")
     s.add_argument("--arch", type=int, choices=[80, 90], required=True, help="compute capability: 80 (A100), 90 (H100)")

@@ -3,6 +3,8 @@
     python tools/extract_latents.py --data /data/imagenet/train --out data/imagenet256_latents \
         --vae checkpoints/sd-vae-ft-ema
     torchrun --nproc_per_node=8 tools/extract_latents.py --data ... --out ... --vae ...   # several GPUs
+    torchrun --nproc_per_node=8 tools/extract_latents.py --data /data/imagenet/train --image-size 512 \
+        --out data/imagenet512_latents --vae checkpoints/sd-vae-ft-ema   # ImageNet-512: 4x64x64 latents
     python tools/extract_latents.py --verify --out data/imagenet256_latents [--vae checkpoints/sd-vae-ft-ema]
 
 The index records the VAE (path and sha256 of its weights) and the settings; a resumed extraction with

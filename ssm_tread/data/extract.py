@@ -88,6 +88,9 @@ MAX_SHARD_SIZE = 10000  # images per shard by default
 def plan_index(classes, samples, vae, image_size, shard_size, image_root, vae_path):
     """The extraction plan written to index.json: settings, classes, and the shards."""
     down = 2 ** (len(vae.config.block_out_channels) - 1)
+    if image_size % down:
+        raise ValueError(f"--image-size {image_size} is not a multiple of the VAE's downsampling factor {down}: "
+                         f"use e.g. {image_size // down * down or down} (256 and 512 for ImageNet)")
     listing = "\n".join(f"{p}\t{y}" for p, y in samples).encode()
     shards = [{"name": f"shard_{k:05d}", "start": start, "count": min(shard_size, len(samples) - start)}
               for k, start in enumerate(range(0, len(samples), shard_size))]

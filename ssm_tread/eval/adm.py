@@ -1,8 +1,11 @@
 """The ADM evaluation suite (guided-diffusion evaluations/evaluator.py) on .npz sample and reference batches.
 
-Samples: an .npz whose arr_0 is uint8 [N, H, W, 3]. Reference (e.g. VIRTUAL_imagenet256_labeled.npz):
-arr_0 images and, when present, the stored statistics mu/sigma (pool_3) and mu_s/sigma_s (spatial), which
-are used for FID and sFID in place of statistics of its images, as the ADM evaluator does.
+Samples: an .npz whose arr_0 is uint8 [N, H, W, 3]. Reference: ADM's reference batch of the resolution
+(:data:`REFERENCE_BATCHES`: VIRTUAL_imagenet256_labeled.npz, VIRTUAL_imagenet512.npz), arr_0 images and,
+when present, the stored statistics mu/sigma (pool_3) and mu_s/sigma_s (spatial), which are used for FID
+and sFID in place of statistics of its images, as the ADM evaluator does. Images of any size are resized
+to Inception's 299 x 299 inside the feature extractor, as in ADM's graph; samples and reference images
+must have the same size.
 
 Before any feature is computed the counts are checked (10 samples for the Inception Score's 10 splits,
 more than 3 reference images for precision/recall with k=3); after, features without spread (trace of
@@ -19,6 +22,19 @@ from .inception import DEFAULT_INCEPTION_PATH, InceptionFeatures
 from .metrics import feature_statistics, frechet_distance, inception_score, precision_recall
 
 IS_SPLITS, PR_K = 10, 3  # the ADM evaluator's
+_REF_BATCHES = "https://openaipublic.blob.core.windows.net/diffusion/jul-2021/ref_batches/imagenet"
+# ADM's ImageNet reference batches (openai/guided-diffusion, evaluations/README.md): image size -> (file, URL)
+REFERENCE_BATCHES = {
+    256: ("VIRTUAL_imagenet256_labeled.npz", f"{_REF_BATCHES}/256/VIRTUAL_imagenet256_labeled.npz"),
+    512: ("VIRTUAL_imagenet512.npz", f"{_REF_BATCHES}/512/VIRTUAL_imagenet512.npz"),
+}
+
+
+def reference_batch(path=None, image_size=256):
+    """(file name, download URL) of the ADM reference batch that ``path`` names (by its file name), else of
+    ``image_size``."""
+    by_name = {name: (name, url) for name, url in REFERENCE_BATCHES.values()}
+    return by_name.get(os.path.basename(str(path or "")), REFERENCE_BATCHES[image_size])
 MIN_SPREAD = 1e-6  # least trace of the pool_3 covariance: features varying less carry nothing about the images
 
 
@@ -121,7 +137,8 @@ def evaluate_npz(samples_path, reference_path, inception_path=DEFAULT_INCEPTION_
     stored_s = reference_statistics(reference_path, ["mu_s", "sigma_s"])
     if not reference.present and stored is None:
         raise KeyError(f"{reference_path} has neither images 'arr_0' nor statistics 'mu'/'sigma' (it has "
-                       f"{reference.keys}); use the ADM reference batch, e.g. VIRTUAL_imagenet256_labeled.npz")
+                       f"{reference.keys}); use the ADM reference batch of the resolution: "
+                       f"{', '.join(name for name, _ in REFERENCE_BATCHES.values())}")
     if reference.present and samples.shape[1:] != reference.shape[1:]:
         raise ValueError(f"samples are {samples.shape[1]}x{samples.shape[2]} images but the reference images are "
                          f"{reference.shape[1]}x{reference.shape[2]}; evaluate samples at the reference resolution")

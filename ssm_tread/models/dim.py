@@ -11,8 +11,11 @@ with the ImageNet configs): same forward pass, same initialisation, the same par
    depthwise 3x3 conv (``in_conv``).
 2. The sequence ``[tau, kappa, 3 learned tokens, padded grid]`` (L = 5 + (h+3)(w+3) tokens), where
    the padded grid is the h x w patch grid with 3 padding tokens appended to every row and 3 padding
-   rows below it, in raster order; cell (i, j) outside the grid holds padding token i - h if i >= h,
-   else j - w (the corner cells follow the row rule).
+   rows below it, in raster order. Which padding token fills a cell (i, j) outside the grid is set by
+   ``pad_layout``, as in the official configs' ``pad_token_schedules``: "lateral" (the ImageNet-256
+   configs) gives token i - h if i >= h, else j - w (the corner cells follow the row rule); "rho_pad"
+   (the ImageNet-512 fine-tune, configs/imagenet512_H_DiM_ft.py) numbers the padding cells in raster
+   order and gives the k-th one token k mod 3. The two agree on the padding columns of the grid rows.
 3. ``depth`` blocks (no MLP): [long-skip fusion] -> RMSNorm -> adaLN-single shift/scale (one shared
    ``Linear(D, 3D)`` of c = t_embedder(t) + y_embedder(y), plus the block's learned [3, D] table) ->
    one unidirectional Mamba reading the block's scan order -> ``s + (1 + gate) * mixer``.
@@ -97,6 +100,7 @@ NUM_LEARNED = 3  # learned tokens after the time and class tokens
 NUM_PREFIX = 2 + NUM_LEARNED  # time token, class token, learned tokens
 NUM_PAD = 3  # padding tokens at the end of every row, and padding rows below the grid
 SPLIT_SKIP_WIDTH = 512  # above this width the skip fusion is two Linear(D, D) (the official layout)
+PAD_LAYOUTS = ("lateral", "rho_pad")  # which padding token fills which cell (module docstring)
 
 
 def long_skips(depth: int) -> dict[int, int]:
@@ -143,6 +147,7 @@ class DiM(nn.Module):
 
     ``routes``: list of ``Route`` / ``{"start", "end", "ratio"}`` (see :mod:`ssm_tread.routing`);
     ``scan_consistent=False`` reads the survivors in their random selection order (ablation).
+    ``pad_layout``: which padding token fills which cell, "lateral" or "rho_pad" (module docstring).
     ``mixer_cls(hidden_size, d_state=, d_conv=, expand=)`` builds each block's sequence mixer
     (default: :class:`~ssm_tread.models.mamba.Mamba`; tests swap in probes).
     """
@@ -160,11 +165,14 @@ class DiM(nn.Module):
         d_state: int = 16,
         d_conv: int = 3,
         expand: int = 2,
+        pad_layout: str = "lateral",
         routes: list[RouteSpec] | None = None,
         scan_consistent: bool = True,
         mixer_cls: MixerFactory = Mamba,
     ):
         super().__init__()
+        if pad_layout not in PAD_LAYOUTS:
+            raise ValueError(f"unknown pad_layout {pad_layout!r}; choose one of {', '.join(PAD_LAYOUTS)}")
         scans = dim_scans(depth)  # raises for an even depth
         self.input_size = input_size
         self.patch_size = patch_size
@@ -205,7 +213,11 @@ class DiM(nn.Module):
         grid_positions = NUM_PREFIX + (rows[:h] * padded_w + cols[:, :w]).flatten()
         self.register_buffer("grid_positions", grid_positions, persistent=False)
         # which padding token fills each padded-grid cell (image cells are overwritten): [(h+3)*(w+3)]
-        pad_index = torch.where(rows >= h, rows - h, (cols - w).clamp(min=0).expand(padded_h, -1))
+        if pad_layout == "lateral":
+            pad_index = torch.where(rows >= h, rows - h, (cols - w).clamp(min=0).expand(padded_h, -1))
+        else:  # rho_pad: the padding cells, counted in raster order, cycle through the padding tokens
+            is_pad = ((rows >= h) | (cols >= w)).flatten()
+            pad_index = torch.where(is_pad, (is_pad.cumsum(0) - 1) % NUM_PAD, 0)
         self.register_buffer("pad_index", pad_index.flatten(), persistent=False)
         orders, self.block_scan = scan_table(scans, self.sequence_order)
         self.register_buffer("scan_orders", orders, persistent=False)  # [distinct orders, L]

@@ -1,11 +1,12 @@
-"""Official DiM and ZigMa checkpoints: key mapping and loading.
+"""Official DiT, DiM and ZigMa checkpoints: key mapping and loading.
 
-:func:`load_official` builds our DiM or ZigMa and loads an official state dict into it, key for key;
+:func:`load_official` builds our DiT, DiM or ZigMa and loads an official state dict into it, key for key;
 :func:`to_ours` / :func:`to_official` translate state dicts between the two namings. The official
-layouts are the state dicts of github.com/CompVis/zigma (ZigMa, commit 37d837b) and
+layouts are the state dicts of github.com/facebookresearch/DiT (``DiT-XL-2-256x256.pt``,
+``DiT-XL-2-512x512.pt``), github.com/CompVis/zigma (ZigMa, commit 37d837b) and
 github.com/tyshiwo1/DiM-DiffusionMamba (DiM, commit 292b228).
 
-- ZigMa: our module names are the official ones (identity mapping).
+- DiT, ZigMa: our module names are the official ones (identity mapping).
 - DiM: renamed modules, plus two reshapes: ``a4m_adapter.pad_token_dec_split`` [1, 3, D] is our
   ``learned_tokens`` [3, D], and ``a4m_adapter.pad_token`` [1, D, 3] is our ``pad_tokens`` [3, D].
 
@@ -21,7 +22,7 @@ from typing import Callable, Mapping
 import torch
 import torch.nn as nn
 
-ARCHS = ("DiM", "ZigMa")
+ARCHS = ("DiT", "DiM", "ZigMa")
 
 Transform = Callable[[torch.Tensor], torch.Tensor]
 
@@ -52,8 +53,9 @@ DIM_RULES: list[tuple[str, str, Transform, Transform]] = [
     ("proj_out_1.{x}", "final_layer.adaLN_modulation.1.{x}", _same, _same),
     ("proj_out_2.{x}", "final_layer.linear.{x}", _same, _same),
 ]
-ZIGMA_RULES: list[tuple[str, str, Transform, Transform]] = [("{x}", "{x}", _same, _same)]
-RULES = {"DiM": DIM_RULES, "ZigMa": ZIGMA_RULES}
+DIM_512_TOKENS = 32 * 32  # patch tokens of the official DiM-H/2 ImageNet-512 fine-tune (64x64 latent, patch 2)
+IDENTITY_RULES: list[tuple[str, str, Transform, Transform]] = [("{x}", "{x}", _same, _same)]
+RULES = {"DiT": IDENTITY_RULES, "DiM": DIM_RULES, "ZigMa": IDENTITY_RULES}
 
 _WRAPPERS = ("ema", "model_ema", "ema_model", "state_dict", "model", "module", "net", "nnet")  # in order of preference
 _PREFIXES = ("module.", "_orig_mod.", "model.", "net.")
@@ -133,11 +135,14 @@ def to_official(arch: str, state: Mapping[str, torch.Tensor]) -> dict[str, torch
 def infer_kwargs(arch: str, official_state: Mapping[str, torch.Tensor], **given) -> dict:
     """Our constructor keywords: ``given``, completed from an official state dict's shapes with
     ``in_channels, patch_size, hidden_size, depth, num_classes, learn_sigma, d_state, d_conv, expand``
-    and, where the position embedding tells, ``input_size`` (square inputs); ZigMa also ``pos_embed``
-    ("learned" when stored, else "none") and ``class_dropout_prob`` (0: the official table has no null
-    row; given > 0, the table's last row is taken for our null class)."""
+    and, where the position embedding tells, ``input_size`` (square inputs); DiM also ``pad_layout``
+    ("rho_pad" for a 32x32 patch grid, the official ImageNet-512 fine-tune, else "lateral"); ZigMa also
+    ``pos_embed`` ("learned" when stored, else "none") and ``class_dropout_prob`` (0: the official table
+    has no null row; given > 0, the table's last row is taken for our null class)."""
     arch = check_arch(arch)
     shape = {k: tuple(v.shape) for k, v in to_ours(arch, official_state).items()}
+    if arch == "DiT":
+        return _dit_kwargs(shape, given)
     kwargs = {}  # what the shapes tell; keys that are missing surface in load_official's one error
     if "x_embedder.proj.weight" in shape:
         hidden_size, in_channels, patch_size, _ = shape["x_embedder.proj.weight"]
@@ -157,6 +162,9 @@ def infer_kwargs(arch: str, official_state: Mapping[str, torch.Tensor], **given)
         if table is not None:
             kwargs["num_classes"] = table[0] - 1  # the last row is the null class
         tokens = shape["pos_embed"][1] - 2 if "pos_embed" in shape else 0  # [tau, kappa, patches]
+        # the weights do not record the padding layout: the one official 32x32-grid model (the ImageNet-512
+        # fine-tune) pads with "rho_pad", the ImageNet-256 ones with "lateral"
+        kwargs["pad_layout"] = "rho_pad" if tokens == DIM_512_TOKENS else "lateral"
     else:
         null_row = given.get("class_dropout_prob", 0.0) > 0
         kwargs.update(num_classes=0 if table is None else table[0] - null_row, class_dropout_prob=0.0,
@@ -168,8 +176,29 @@ def infer_kwargs(arch: str, official_state: Mapping[str, torch.Tensor], **given)
     return {**kwargs, **given}
 
 
+def _dit_kwargs(shape: dict, given: dict) -> dict:
+    """DiT's constructor keywords from its state dict's shapes; the number of heads (not in the weights) from
+    the DiT preset of that width and depth, unless given."""
+    from ssm_tread.models.dit import DIT_CONFIGS
+
+    hidden_size, in_channels, patch_size, _ = shape["x_embedder.proj.weight"]
+    depth = 1 + max(int(k.split(".")[1]) for k in shape if k.startswith("blocks."))
+    tokens = shape["pos_embed"][1]
+    kwargs = dict(hidden_size=hidden_size, in_channels=in_channels, patch_size=patch_size, depth=depth,
+                  num_classes=shape["y_embedder.embedding_table.weight"][0] - 1,  # the last row is the null class
+                  learn_sigma=shape["final_layer.linear.weight"][0] == 2 * in_channels * patch_size**2,
+                  input_size=round(tokens**0.5) * patch_size)
+    heads = {c["num_heads"] for c in DIT_CONFIGS.values() if (c["hidden_size"], c["depth"]) == (hidden_size, depth)}
+    if "num_heads" not in given:
+        if len(heads) != 1:
+            raise ValueError(f"a DiT of width {hidden_size} and depth {depth} is no DiT preset, and the weights do "
+                             f"not tell the number of attention heads: give it (--set num_heads=N)")
+        kwargs["num_heads"] = heads.pop()
+    return {**kwargs, **given}
+
+
 def load_official(arch: str, state_dict: Mapping, **kwargs) -> nn.Module:
-    """Our ``arch`` ("DiM" or "ZigMa") model holding the weights of an official checkpoint.
+    """Our ``arch`` ("DiT", "DiM" or "ZigMa") model holding the weights of an official checkpoint.
 
     ``state_dict``: the official weights, as a state dict or a released checkpoint file's contents
     (``ema`` / ``model`` / ``state_dict`` entries and ``module.`` prefixes are unwrapped; the EMA is

@@ -31,7 +31,7 @@ from ssm_tread.eval import (
     frechet_distance_of,
     load_inception,
 )
-from ssm_tread.eval.adm import NpzImages, reference_statistics
+from ssm_tread.eval.adm import NpzImages, reference_batch, reference_statistics
 from ssm_tread.eval.features import compute_features
 from ssm_tread.eval.inception import INCEPTION_URL
 from ssm_tread.progress import progress_bar, write
@@ -39,9 +39,6 @@ from ssm_tread.sampling import chunk_generator, generate, to_uint8
 from ssm_tread.train.config import ConfigError, grid_classes
 from ssm_tread.train.distributed import gather_objects
 from ssm_tread.train.rng import isolated_rng
-
-REFERENCE_URL = ("https://openaipublic.blob.core.windows.net/diffusion/jul-2021/ref_batches/imagenet/256/"
-                 "VIRTUAL_imagenet256_labeled.npz")
 
 
 def check_eval_config(cfg: dict) -> None:
@@ -60,15 +57,15 @@ def check_eval_config(cfg: dict) -> None:
             raise ConfigError(f"eval.reference={ec['reference']!r}: is for latent models (the digits are compared "
                               f"with the bundled digits); set eval.reference=None")
         return
+    name, url = reference_batch(ec["reference"])  # the reference named, else ImageNet-256's
     if not ec["reference"]:
         raise ConfigError(f"eval.reference=None: evaluating a latent model needs reference statistics; download the "
-                          f"ADM reference batch "
-                          f"(wget -O checkpoints/VIRTUAL_imagenet256_labeled.npz {REFERENCE_URL}) and set "
-                          f"eval.reference=checkpoints/VIRTUAL_imagenet256_labeled.npz, or turn evaluation off "
-                          f"with eval.num_samples=0 eval.every=0")
+                          f"ADM reference batch (wget -O checkpoints/{name} {url}) and set "
+                          f"eval.reference=checkpoints/{name} (at 512: {reference_batch(image_size=512)[0]}), or "
+                          f"turn evaluation off with eval.num_samples=0 eval.every=0")
     if not Path(ec["reference"]).is_file():
         raise ConfigError(f"eval.reference={ec['reference']!r}: not found; download the ADM reference batch there "
-                          f"(wget -O {ec['reference']} {REFERENCE_URL}) or point eval.reference at a local copy")
+                          f"(wget -O {ec['reference']} {url}) or point eval.reference at a local copy")
     if not Path(ec["inception"]).is_file():
         raise ConfigError(f"eval.inception={ec['inception']!r}: not found; download the FID Inception weights there "
                           f"(wget -O {ec['inception']} {INCEPTION_URL}) or point eval.inception at a local copy")
@@ -114,14 +111,14 @@ class Evaluation:
             images = NpzImages(path)
             if not images.present:
                 raise ConfigError(f"eval.reference={path!r} has neither statistics mu/sigma nor images arr_0 (it has "
-                                  f"{images.keys}); use the ADM reference batch ({REFERENCE_URL})")
+                                  f"{images.keys}); use the ADM reference batch ({reference_batch(path)[1]})")
             batch = self.sample_cfg["batch_size"]
             features = compute_features(self.extractor, images.batches(batch), images.num_batches(batch),
                                         self.progress, desc="reference features")
             stats = feature_statistics(features["pool"])
         if stats[0].shape != (2048,):
             raise ConfigError(f"eval.reference={path!r}: mu has shape {stats[0].shape}, not the (2048,) of Inception "
-                              f"pool_3 features; use the ADM reference batch ({REFERENCE_URL})")
+                              f"pool_3 features; use the ADM reference batch ({reference_batch(path)[1]})")
         return stats
 
     def _features(self, images: torch.Tensor) -> dict:

@@ -105,17 +105,23 @@ def build_step(cfg: dict, device: torch.device | str = "cpu", seed: int = 0) -> 
     return StepSetup(cfg, model, step, (x.to(device), y.to(device), None, None), device)
 
 
+def storage_id(tensor: torch.Tensor) -> int:
+    """The identity of ``tensor``'s storage, shared by its views; unlike the data pointer it is distinct on
+    the meta device too, where every storage's data pointer is 0."""
+    return tensor.untyped_storage()._cdata
+
+
 def saved_activation_bytes(fn: Callable[[], torch.Tensor], exclude: set[int]) -> int:
     """Bytes of the distinct storages autograd saves for backward while ``fn`` runs a forward
-    (storages whose data pointer is in ``exclude``, e.g. the parameters, are not counted)."""
+    (storages whose :func:`storage_id` is in ``exclude``, e.g. the parameters', are not counted). Works on
+    the meta device, where it counts the bytes a real forward would save."""
     seen: dict[int, int] = {}
 
     def pack(tensor: torch.Tensor):
         try:
-            storage = tensor.untyped_storage()
-            pointer = storage.data_ptr()
-            if pointer not in exclude:
-                seen[pointer] = storage.nbytes()
+            key = storage_id(tensor)
+            if key not in exclude:
+                seen[key] = tensor.untyped_storage().nbytes()
         except (RuntimeError, NotImplementedError):  # tensors without storage (e.g. wrapper subclasses)
             pass
         return tensor
@@ -137,7 +143,7 @@ def static_bytes(setup: StepSetup) -> int:
 
 def step_memory(setup: StepSetup) -> dict:
     """Memory of one step in the current mode: saved activations, and the peak (see the module doc)."""
-    exclude = {p.untyped_storage().data_ptr() for p in setup.model.parameters()}
+    exclude = {storage_id(p) for p in setup.model.parameters()}
     activations = saved_activation_bytes(setup.loss, exclude)
     setup.step.optimizer.zero_grad(set_to_none=True)
     if setup.device.type == "cuda":
