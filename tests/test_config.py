@@ -24,6 +24,10 @@ def test_experiments_extend_the_base():
     dim = load_config("configs/dim_l_tread.py")
     assert dim["optim"]["betas"] == (0.99, 0.99) and dim["optim"]["warmup_steps"] == 5000
     assert dim["routing"]["routes"] == [(2, 45, 0.5)]
+    # the official configs/imagenet256_{L,H}_DiM.py: max_grad_norm 1.0, AdamW eps 1e-15
+    for name in ("dim_l", "dim_h"):
+        optim = load_config(f"configs/{name}.py")["optim"]
+        assert (optim["grad_clip"], optim["eps"]) == (1.0, 1e-15), name
     zigma = load_config("configs/zigma_b2_tread.py")
     assert zigma["diffusion"]["objective"] == "flow" and zigma["optim"]["grad_clip"] == 2.0
 
