@@ -288,4 +288,6 @@ def validate_config(cfg: dict, world: int | None = None) -> None:
     world = world or int(os.environ.get("WORLD_SIZE", 1))
     problems = config_problems(cfg, world)
     if problems:
-        raise ConfigError("\n".join(problems))
+        error = ConfigError("\n".join(problems))
+        error.node_local = any(line.startswith("data.root=") for line in problems)  # a copy on the node's disk
+        raise error
