@@ -1,6 +1,7 @@
 """Training on several nodes: two torchrun agents of one gloo process each (two "nodes") meet through a c10d
 rendezvous on 127.0.0.1 and train as one node of two ranks would; a node that dies stops the run with its
-last good checkpoint kept, and the run resumes on another number of nodes; ranks that disagree are refused.
+last good checkpoint kept, and the run resumes on another number of nodes; ranks that disagree are refused;
+tools/slurm/train.sbatch runs under stand-ins for srun and scontrol.
 
 Run as a script, this file is the training tool with the micro-batches of GlobalBatches recorded:
 ``python tests/test_multinode.py tools/train.py ARGS`` appends each micro-batch's sample indices to
@@ -25,6 +26,7 @@ from test_train import TINY, _free_port, losses, params, tiny
 from ssm_tread.checkpoint import list_checkpoints, load_checkpoint, load_newest_good
 from ssm_tread.machine import loader_workers
 from ssm_tread.train import trainer
+from ssm_tread.train.config import ConfigError
 from ssm_tread.train.runlock import RunDirError, RunLock
 from ssm_tread.train.trainer import TrainingError, train
 from ssm_tread.train.validate import validate_config
@@ -228,6 +230,14 @@ def test_ranks_that_disagree_are_refused_but_data_root_may_differ(monkeypatch, t
         check(cfg, other_size=90)
 
 
+def test_ranks_that_do_not_divide_the_global_batch_are_refused(tmp_path):
+    """3 ranks cannot share the global batch of 8 the same way (nor resume a run of it): one line says so."""
+    with pytest.raises(ConfigError, match=r"^train.batch_size=8: is not divisible by 3 rank\(s\) x "
+                                          r"train.grad_accum=1; .*a resumed run keeps its global batch: change "
+                                          r"train.grad_accum or the number of ranks\)$"):
+        validate_config(tiny(tmp_path), world=3)
+
+
 def test_a_node_local_data_root_problem_is_printed_on_every_node(tmp_path, capsys, monkeypatch):
     """Each node checks its own data.root; the first rank of a node that lacks its copy says so (rank 0 may not)."""
     from tools.cli import run_tool as run_main
@@ -278,6 +288,34 @@ def test_a_hung_node_fails_the_run_after_the_timeout(tmp_path):
     finally:
         kill_the_rest(agents)
     assert load_newest_good(run_dir / "checkpoints")["step"] >= 4
+
+
+FAKE_SRUN = """#!/bin/bash
+# srun's options, then the command: run it once per node, all at once; fail if any fails
+while [[ "$1" == --* ]]; do shift; done
+for node in $(seq "$SLURM_JOB_NUM_NODES"); do "$@" & done
+status=0; for node in $(seq "$SLURM_JOB_NUM_NODES"); do wait -n || status=1; done; exit $status
+"""
+
+
+@pytest.mark.slow
+def test_the_slurm_script_trains_on_two_nodes(latents, tmp_path):  # noqa: F811
+    """tools/slurm/train.sbatch under a stand-in for srun (each task on this machine) and scontrol."""
+    (tmp_path / "bin").mkdir()
+    for name, text in (("srun", FAKE_SRUN), ("scontrol", "#!/bin/bash\necho 127.0.0.1\n")):
+        (tmp_path / "bin" / name).write_text(text)
+        (tmp_path / "bin" / name).chmod(0o755)
+    env = {**os.environ, "PATH": f"{tmp_path / 'bin'}:{Path(sys.executable).parent}:{os.environ['PATH']}",
+           "OMP_NUM_THREADS": "1", "SLURM_JOB_NODELIST": "node[1-2]", "SLURM_JOB_NUM_NODES": "2", "SLURM_JOB_ID": "7",
+           "RDZV_PORT": str(_free_port()), "NPROC_PER_NODE": "1", "LATENTS": str(latents),
+           "LOCAL_LATENTS": str(tmp_path / "scratch"), "TIMEOUT": "60"}
+    done = subprocess.run(["bash", "tools/slurm/train.sbatch", "configs/quickstart.py", *TINY, *LATENT,
+                           f"train.run_dir={tmp_path / 'run'}"], cwd=ROOT, env=env, capture_output=True, text=True,
+                          timeout=300, check=False)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "2 rank(s) on cpu" in done.stdout
+    assert json.loads((tmp_path / "run" / "config.json").read_text())["data"]["root"] == str(tmp_path / "scratch")
+    assert [step for step, _ in list_checkpoints(tmp_path / "run" / "checkpoints")] == [2, 4]
 
 
 if __name__ == "__main__":  # the training tool, recording its batches

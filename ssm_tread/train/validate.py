@@ -200,7 +200,8 @@ def _check_train(cfg: dict, world: int, problems: _Problems) -> None:
     problems.choice("train.precision", tc["precision"], PRECISIONS)
     if tc["batch_size"] >= 1 and tc["grad_accum"] >= 1 and tc["batch_size"] % (world * tc["grad_accum"]):
         problems.add("train.batch_size", tc["batch_size"], f"is not divisible by {world} rank(s) x "
-                     f"train.grad_accum={tc['grad_accum']}", "change one of them")
+                     f"train.grad_accum={tc['grad_accum']}", "change one of them (a resumed run keeps its "
+                     f"global batch: change train.grad_accum or the number of ranks)")
     if tc["fsdp"] and tc["compile"]:
         problems.add("train.compile", True, "does not combine with train.fsdp (FSDP's per-block gathers break the "
                      "compiled graph)", "set train.compile=false or train.fsdp=false")
