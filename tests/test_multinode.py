@@ -193,6 +193,7 @@ def test_a_dead_node_stops_the_run_which_resumes_on_one_node(latents, tmp_path, 
     resumed = train(tiny(run_dir, *again, f"train.steps={newest + 2}"))
     note = "resuming on 1 ranks from a checkpoint of 2: the data order, noise and diffusion times continue"
     assert note in capsys.readouterr().out
+    assert all(path.name.startswith("step-") for path in (run_dir / "checkpoints").iterdir())  # no torn write left
     reference = train(tiny(tmp_path / "one", *run, f"data.root={roots[0]}", f"train.steps={newest + 2}"))
     a, b = losses(tmp_path / "one"), losses(run_dir)
     for step in (newest + 1, newest + 2):
