@@ -3,7 +3,7 @@
     python tools/train.py configs/quickstart.py
     python tools/train.py configs/dit_b2_tread.py train.steps=1000 optim.lr=2e-4
     torchrun --nproc_per_node=8 tools/train.py configs/dim_l_tread.py data.root=/data/latents --resume
-    torchrun --nnodes=4 --nproc-per-node=8 --rdzv-backend=c10d --rdzv-endpoint=$HEAD:29500 --rdzv-id=$JOB \
+    torchrun --nnodes=4 --nproc-per-node=8 --rdzv-backend=c10d --rdzv-endpoint=$HEAD:29500 --rdzv-id=$JOB \\
         tools/train.py configs/dit_xl2_tread.py data.root=/scratch/latents --timeout 900   # on each node
 
 --resume continues the run in the run dir from its newest good checkpoint, with the run's config
