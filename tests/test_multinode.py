@@ -25,8 +25,9 @@ from test_train import TINY, _free_port, losses, params, tiny
 
 from ssm_tread.checkpoint import list_checkpoints, load_checkpoint, load_newest_good
 from ssm_tread.machine import loader_workers
-from ssm_tread.train import trainer
+from ssm_tread.train import distributed, trainer
 from ssm_tread.train.config import ConfigError
+from ssm_tread.train.distributed import RanksDisagree
 from ssm_tread.train.runlock import RunDirError, RunLock
 from ssm_tread.train.trainer import TrainingError, train
 from ssm_tread.train.validate import validate_config
@@ -215,19 +216,19 @@ def test_ranks_that_disagree_are_refused_but_data_root_may_differ(monkeypatch, t
         """Rank 0 with (cfg, state, 100 images) against a rank 1 with these."""
         other_data = Data(range(other_size))
         views = []
-        monkeypatch.setattr(trainer, "gather_objects", lambda obj, world: views.append(obj) or [obj, obj])
-        trainer.check_ranks_agree(other_cfg, other_state, other_data, 2)  # what rank 1 sends
-        monkeypatch.setattr(trainer, "gather_objects", lambda obj, world: [obj, views[0]])
-        trainer.check_ranks_agree(cfg, state, Data(range(100)), 2)
+        monkeypatch.setattr(distributed, "gather_objects", lambda obj, world: views.append(obj) or [obj, obj])
+        distributed.check_ranks_agree(other_cfg, other_state, other_data, 2)  # what rank 1 sends
+        monkeypatch.setattr(distributed, "gather_objects", lambda obj, world: [obj, views[0]])
+        distributed.check_ranks_agree(cfg, state, Data(range(100)), 2)
 
     check(tiny(tmp_path, "data.root=/scratch/node-1/latents"))
-    with pytest.raises(TrainingError, match=r"^rank 1 on .* has another config than rank 0 on .* \(differs in "
+    with pytest.raises(RanksDisagree, match=r"^rank 1 on .* has another config than rank 0 on .* \(differs in "
                                             r"optim.lr\): give every node the same command line"):
         check(tiny(tmp_path, "optim.lr=2e-3"))
-    with pytest.raises(TrainingError, match=r"resumes from step-0000002.pt \(sha256 def\), rank 0 on .* from "
+    with pytest.raises(RanksDisagree, match=r"resumes from step-0000002.pt \(sha256 def\), rank 0 on .* from "
                                             r"step-0000004.pt \(sha256 abc\): the nodes see different files"):
         check(cfg, {"path": str(tmp_path / "step-0000002.pt"), "checksum": "def"})
-    with pytest.raises(TrainingError, match="reads 90 images of 10 classes from data.root, rank 0 on .* 100 images"):
+    with pytest.raises(RanksDisagree, match="reads 90 images of 10 classes from data.root, rank 0 on .* 100 images"):
         check(cfg, other_size=90)
 
 
