@@ -15,8 +15,9 @@ batch (another one is refused: it would skip or repeat samples). On several node
 step 1 that they run the same config (``data.root`` may differ: a node-local copy of the latents), resume
 from the same checkpoint and read data sets of the same size. A checkpoint holds the model, the EMA, the
 optimizer, the step, the RNG states of every rank and the training clock; the data position is the step
-itself, and the learning rate a function of the config and the step (ssm_tread.train.step.schedule_at). Under FSDP
-(``train.fsdp``, see ssm_tread.train.fsdp) its states are gathered in full: the same checkpoint as without it.
+itself, and the learning rate a function of the config and the step (ssm_tread.train.step.schedule_at).
+Under FSDP (``train.fsdp``, see ssm_tread.train.fsdp) its states are gathered in full: the same checkpoint as
+without it.
 """
 from __future__ import annotations
 
