@@ -3,7 +3,8 @@ read-only disk, Ctrl-C) become one ``error:`` line per problem and an exit code;
 traceback. ``--debug`` or the environment variable SSM_TREAD_DEBUG=1 shows the traceback of every error.
 
 Under torchrun every rank reads the same input and meets the same expected error, so only rank 0 prints
-it (every rank exits with its code); a full or read-only disk is printed by every rank it hits. Once a
+it (every rank exits with its code); a full or read-only disk is printed by every rank it hits, a problem
+of a node's own files (a node-local data.root) by the first rank of every node. Once a
 tool is exiting, a further Ctrl-C ends the process at once and quietly (exit code 130) instead of
 interrupting the interpreter's clean-up with a traceback."""
 from __future__ import annotations
@@ -34,6 +35,11 @@ PATH_ERRORS = {errno.ENOENT: "does not exist", errno.ENOTDIR: "is not a path: a 
 def rank() -> int:
     """This process's rank under torchrun (0 on its own)."""
     return int(os.environ.get("RANK", 0))
+
+
+def local_rank() -> int:
+    """This process's rank on its node under torchrun (0 on its own)."""
+    return int(os.environ.get("LOCAL_RANK", 0))
 
 
 def fail(message: str, code: int = EXIT_ERROR, every_rank: bool = False):
@@ -100,7 +106,7 @@ def _run(main, interrupted: str, expected: tuple) -> None:
     except UserError as e:
         if debugging():
             raise
-        fail(str(e), e.exit_code)
+        fail(str(e), e.exit_code, every_rank=e.node_local and local_rank() == 0)
     except expected as e:
         if debugging():
             raise

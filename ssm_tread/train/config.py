@@ -208,7 +208,8 @@ def run_dir_of(cfg: dict) -> Path:
     return Path(cfg["train"]["run_dir"] or f"runs/{cfg['_name']}")
 
 
-def _flat(cfg: dict) -> dict:
+def flat_config(cfg: dict) -> dict:
+    """{"group.key": value} of a config's groups, as its JSON holds them."""
     return {f"{g}.{k}": v for g, values in json.loads(to_json(cfg)).items() if g in GROUPS for k, v in values.items()}
 
 
@@ -235,8 +236,8 @@ def resume_config(path: str | os.PathLike, overrides: list[str] = (), say=print)
         run_cfg[group] = {**schema[group], **run_cfg.get(group, {})}
     check_keys({g: run_cfg[g] for g in GROUPS}, schema)
     apply_overrides(run_cfg, overrides)
-    resumed = _flat(run_cfg)
-    differ = sorted(k for k, v in _flat(cfg).items() if resumed.get(k, v) != v)
+    resumed = flat_config(run_cfg)
+    differ = sorted(k for k, v in flat_config(cfg).items() if resumed.get(k, v) != v)
     if differ:
         say(f"resuming with the run's config {saved} plus the overrides given now; {Path(path).name} differs in "
             f"{', '.join(differ)} (ignored: give them as overrides to change them)")

@@ -1,7 +1,57 @@
-"""What the ranks of a run exchange besides gradients: Python objects."""
+"""What the ranks of a run share besides gradients: the global batch each takes its slice of, the Python
+objects they exchange, and the check that they agree before step 1 (on several nodes each node has its own
+command line and its own view of the files)."""
 from __future__ import annotations
 
+import socket
+from pathlib import Path
+
+import torch
 import torch.distributed as dist
+
+from ssm_tread.errors import UserError
+from ssm_tread.train.config import flat_config
+
+
+class RanksDisagree(UserError, RuntimeError):
+    """Ranks that would train different runs; the message names the rank, its host and what differs."""
+
+
+class GlobalBatches:
+    """Batch sampler: the indices of each rank's micro-batches, step after step, from ``start_step`` on.
+
+    Step k takes global samples [k*B, (k+1)*B) of an endless stream of seeded epoch permutations;
+    micro-batch j of rank r is slice (j*world + r) of that step's global batch.
+    """
+
+    def __init__(self, size: int, batch: int, micro: int, rank: int, world: int, seed: int, start_step: int):
+        self.size, self.batch, self.micro, self.rank, self.world = size, batch, micro, rank, world
+        self.seed, self.start_step = seed, start_step
+        self._epoch, self._perm = None, None
+
+    def _permutation(self, epoch: int) -> torch.Tensor:
+        if epoch != self._epoch:
+            self._epoch = epoch
+            self._perm = torch.randperm(self.size, generator=torch.Generator().manual_seed(self.seed + epoch))
+        return self._perm
+
+    def global_indices(self, step: int) -> torch.Tensor:
+        parts, position, end = [], step * self.batch, (step + 1) * self.batch
+        while position < end:
+            epoch, offset = divmod(position, self.size)
+            take = min(end - position, self.size - offset)
+            parts.append(self._permutation(epoch)[offset:offset + take])
+            position += take
+        return torch.cat(parts)
+
+    def __iter__(self):
+        step = self.start_step
+        while True:
+            indices = self.global_indices(step)
+            for j in range(self.batch // (self.micro * self.world)):
+                lo = (j * self.world + self.rank) * self.micro
+                yield indices[lo:lo + self.micro].tolist()
+            step += 1
 
 
 def gather_objects(obj, world: int) -> list:
@@ -11,3 +61,25 @@ def gather_objects(obj, world: int) -> list:
     out = [None] * world
     dist.all_gather_object(out, obj)
     return out
+
+
+def check_ranks_agree(cfg: dict, state: dict | None, dataset, world: int) -> None:
+    """Refuse, before step 1, ranks that disagree (each node has its own command line and its own view of the
+    files): in the config (except ``data.root``, which may name a node-local copy of the latents), in the
+    checkpoint they resume from, or in the size of their data set. Every rank raises the same one-line error."""
+    flat = {k: v for k, v in flat_config(cfg).items() if k != "data.root"}
+    mine = {"config": flat, "checkpoint": state and f"{Path(state['path']).name} (sha256 {state['checksum']})",
+            "data": f"{len(dataset)} images of {dataset.num_classes} classes"}
+    (host0, first), *others = gather_objects((socket.gethostname(), mine), world)
+    for rank, (host, theirs) in enumerate(others, start=1):
+        if differ := [k for k, v in first["config"].items() if theirs["config"].get(k) != v]:
+            raise RanksDisagree(f"rank {rank} on {host} has another config than rank 0 on {host0} (differs in "
+                               f"{', '.join(differ)}): give every node the same command line (only data.root may "
+                               f"differ, naming a node-local copy of the latents)")
+        if theirs["checkpoint"] != first["checkpoint"]:
+            raise RanksDisagree(f"rank {rank} on {host} resumes from {theirs['checkpoint']}, rank 0 on {host0} from "
+                               f"{first['checkpoint']}: the nodes see different files in the run dir; put "
+                               f"train.run_dir on the file system that every node shares")
+        if theirs["data"] != first["data"]:
+            raise RanksDisagree(f"rank {rank} on {host} reads {theirs['data']} from data.root, rank 0 on {host0} "
+                               f"{first['data']}: give every node a complete copy of the same latents")

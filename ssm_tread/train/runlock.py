@@ -2,7 +2,10 @@
 
 The lock is an ``flock`` on ``<run_dir>/.lock``, which holds the PID and host of the process that took
 it. The kernel drops an flock when its process dies, so the lock of a killed run is stale by
-construction: the next run takes it over and says whose it was.
+construction: the next run takes it over and says whose it was. On a file system shared by several
+nodes (NFS, Lustre mounted with ``flock``) the lock holds across nodes; a run takes it once, on its global
+rank 0. Where the file system has no locks (Lustre without the ``flock`` mount option), the run goes on
+unlocked and says so.
 """
 from __future__ import annotations
 
@@ -46,6 +49,13 @@ class RunLock:
             os.close(fd)
             raise RunDirError(f"run dir {self.run_dir} is in use by {holder} (lock {self.path}); wait for that run "
                               f"to end or stop it, or choose another train.run_dir") from None
+        except OSError as e:
+            os.close(fd)
+            if e.errno not in (errno.ENOSYS, errno.ENOLCK, errno.EOPNOTSUPP):  # a file system without locks
+                raise unwritable(self.run_dir, e) from None
+            self.say(f"warning: the file system of run dir {self.run_dir} has no locks ({e.strerror}): nothing "
+                     f"stops a second run from using it at the same time")
+            return self
         previous = os.read(fd, 200).decode(errors="replace").strip()
         if previous:
             self.say(f"taking over the stale lock of {previous} in {self.run_dir} (that process is gone)")
@@ -59,6 +69,8 @@ class RunLock:
         return self
 
     def __exit__(self, *exc) -> None:
+        if self.fd is None:  # unlocked
+            return
         os.ftruncate(self.fd, 0)  # an empty lock file: nobody to report as a stale holder
         fcntl.flock(self.fd, fcntl.LOCK_UN)
         os.close(self.fd)

@@ -8,11 +8,16 @@ and signals) and :func:`finish` (last checkpoint, final evaluation, samples). On
 
 Reproducibility: the data order, the noise and the diffusion times of every step are drawn for the
 whole global batch from generators seeded the same on every rank, and each rank takes its slice, so
-they do not depend on the number of ranks. Routing selections and label dropout use per-rank
-generators. A checkpoint holds the model, the EMA, the optimizer, the step, the RNG states of every rank
-and the training clock; the data position is the step itself, and the learning rate a function of the
-config and the step (ssm_tread.train.step.schedule_at). Under FSDP
-(``train.fsdp``, see ssm_tread.train.fsdp) its states are gathered in full: the same checkpoint as without it.
+they do not depend on the number of ranks or nodes. Routing selections, label dropout and the latents'
+flips and posterior samples use per-rank generators. A run resumed on another number of ranks continues
+the data order, the noise and the times exactly and restarts the per-rank streams; it must keep the global
+batch (another one is refused: it would skip or repeat samples). On several nodes the ranks check before
+step 1 that they run the same config (``data.root`` may differ: a node-local copy of the latents), resume
+from the same checkpoint and read data sets of the same size. A checkpoint holds the model, the EMA, the
+optimizer, the step, the RNG states of every rank and the training clock; the data position is the step
+itself, and the learning rate a function of the config and the step (ssm_tread.train.step.schedule_at).
+Under FSDP (``train.fsdp``, see ssm_tread.train.fsdp) its states are gathered in full: the same checkpoint as
+without it.
 """
 from __future__ import annotations
 
@@ -21,6 +26,7 @@ import os
 import signal
 from contextlib import nullcontext
 from dataclasses import dataclass, field
+from datetime import timedelta
 from pathlib import Path
 
 import torch
@@ -45,7 +51,7 @@ from ssm_tread.ops import allow_tf32, set_backend
 from ssm_tread.progress import progress_bar
 from ssm_tread.sampling import generate, grid_labels, load_vae, noise_shape, save_grid
 from ssm_tread.train.config import ConfigError, grid_classes, model_spec, run_dir_of, save_config
-from ssm_tread.train.distributed import gather_objects
+from ssm_tread.train.distributed import GlobalBatches, check_ranks_agree, gather_objects
 from ssm_tread.train.ema import EMA
 from ssm_tread.train.evaluation import Evaluation
 from ssm_tread.train.fsdp import (
@@ -71,10 +77,14 @@ def build_dataset_from(cfg: dict):
     from ssm_tread.data import build_dataset
 
     data = cfg["data"]
-    if data["name"] == "latents":
+    if data["name"] != "latents":
+        return build_dataset(data["name"], **data["kwargs"])
+    try:
         return build_dataset("latents", root=data["root"], verify=data["verify"], progress=cfg["log"]["progress"],
                              **data["kwargs"])
-    return build_dataset(data["name"], **data["kwargs"])
+    except UserError as e:  # data.root may be a copy on this node's own disk
+        e.node_local = True
+        raise
 
 
 def select_scan_backend(name: str | None) -> None:
@@ -83,43 +93,6 @@ def select_scan_backend(name: str | None) -> None:
         set_backend(name)
     except ValueError as e:
         raise ConfigError(f"model.scan_backend: {e}") from None
-
-
-class GlobalBatches:
-    """Batch sampler: the indices of each rank's micro-batches, step after step, from ``start_step`` on.
-
-    Step k takes global samples [k*B, (k+1)*B) of an endless stream of seeded epoch permutations;
-    micro-batch j of rank r is slice (j*world + r) of that step's global batch.
-    """
-
-    def __init__(self, size: int, batch: int, micro: int, rank: int, world: int, seed: int, start_step: int):
-        self.size, self.batch, self.micro, self.rank, self.world = size, batch, micro, rank, world
-        self.seed, self.start_step = seed, start_step
-        self._epoch, self._perm = None, None
-
-    def _permutation(self, epoch: int) -> torch.Tensor:
-        if epoch != self._epoch:
-            self._epoch = epoch
-            self._perm = torch.randperm(self.size, generator=torch.Generator().manual_seed(self.seed + epoch))
-        return self._perm
-
-    def global_indices(self, step: int) -> torch.Tensor:
-        parts, position, end = [], step * self.batch, (step + 1) * self.batch
-        while position < end:
-            epoch, offset = divmod(position, self.size)
-            take = min(end - position, self.size - offset)
-            parts.append(self._permutation(epoch)[offset:offset + take])
-            position += take
-        return torch.cat(parts)
-
-    def __iter__(self):
-        step = self.start_step
-        while True:
-            indices = self.global_indices(step)
-            for j in range(self.batch // (self.micro * self.world)):
-                lo = (j * self.world + self.rank) * self.micro
-                yield indices[lo:lo + self.micro].tolist()
-            step += 1
 
 
 def _ignore_sigint(worker_id: int) -> None:
@@ -179,13 +152,25 @@ def find_resume(cfg: dict, ckpt_dir: Path, say=print, overwrite: bool = False) -
         state = load_newest_good(ckpt_dir, say)
         if state is None:
             say(f"--resume: no checkpoint in {ckpt_dir}; starting fresh from step 0")
-        return state
+        return state and check_batch(cfg, state)
     if resume != "none":
-        return load_checkpoint(resume)
+        return check_batch(cfg, load_checkpoint(resume))
     if newest is not None and not overwrite:
         raise TrainingError(f"{ckpt_dir} already holds checkpoints (newest {newest.name}): continue that run with "
                             f"--resume, start over with --overwrite (deletes them), or choose another train.run_dir")
     return None
+
+
+def check_batch(cfg: dict, state: dict) -> dict:
+    """``state``, if it was trained with the global batch of ``cfg``: the data position is the step times the global
+    batch, the same on any number of ranks, but another batch would skip or repeat samples."""
+    saved, batch = state.get("config", {}).get("train", {}).get("batch_size", None), cfg["train"]["batch_size"]
+    if saved is not None and saved != batch:
+        raise TrainingError(f"train.batch_size={batch} differs from the {saved} of checkpoint {state['path']}: the "
+                            f"data position is the step times the global batch, so the run would skip or repeat "
+                            f"samples; resume with train.batch_size={saved} (on another number of ranks, set "
+                            f"train.grad_accum so that ranks x train.grad_accum divides it)")
+    return state
 
 
 @dataclass
@@ -226,16 +211,17 @@ class Run:
         return self.accelerator.is_main_process
 
 
-def train(cfg: dict, overwrite: bool = False) -> dict:
+def train(cfg: dict, overwrite: bool = False, timeout: float | None = None) -> dict:
     """Train as ``cfg`` says; returns a summary (run_dir, step, last checkpoint, final eval metrics).
     ``overwrite``: a fresh run (``train.resume=none``) may delete the checkpoints of an earlier run in the
-    run dir; without it such a run dir is refused.
+    run dir; without it such a run dir is refused. ``timeout``: the seconds a rank waits for the others in
+    a collective, and at start-up, before the run fails (None: torch's, 10 min on NCCL, 30 on gloo).
 
-    The whole config is checked first (ConfigError, one line per problem; nothing is created). Rank 0
-    holds the run dir's lock while the run lasts."""
+    The whole config is checked first (ConfigError, one line per problem; nothing is created). Global rank 0
+    (RANK, over every node) holds the run dir's lock while the run lasts: one lock per run, not per node."""
     validate_config(cfg)
     with RunLock(run_dir_of(cfg)) if int(os.environ.get("RANK", 0)) == 0 else nullcontext():
-        run = setup(cfg, overwrite)
+        run = setup(cfg, overwrite, timeout)
         stopped = loop(run)
         if stopped:
             return {"run_dir": run.run_dir, "step": run.step, "checkpoint": run.last_ckpt, "stopped": True,
@@ -243,12 +229,16 @@ def train(cfg: dict, overwrite: bool = False) -> dict:
         return finish(run)
 
 
-def start_accelerator(tc: dict):
-    """Accelerate's view of the processes (DDP, bf16 autocast on CUDA) and this process's thread and TF32 settings."""
+def start_accelerator(tc: dict, timeout: float | None = None):
+    """Accelerate's view of the processes (DDP, bf16 autocast on CUDA, collectives that fail after ``timeout``
+    seconds) and this process's thread and TF32 settings."""
     from accelerate import Accelerator
+    from accelerate.utils import InitProcessGroupKwargs
 
     cuda = torch.cuda.is_available()
-    accelerator = Accelerator(cpu=not cuda, mixed_precision="bf16" if cuda and tc["precision"] == "bf16" else "no")
+    wait = [InitProcessGroupKwargs(timeout=timedelta(seconds=timeout))] if timeout else None
+    accelerator = Accelerator(cpu=not cuda, mixed_precision="bf16" if cuda and tc["precision"] == "bf16" else "no",
+                              kwargs_handlers=wait)
     if not cuda and tc["cpu_threads"]:
         torch.set_num_threads(tc["cpu_threads"])
     if cuda and tc["tf32"]:
@@ -256,10 +246,10 @@ def start_accelerator(tc: dict):
     return accelerator
 
 
-def setup(cfg: dict, overwrite: bool = False) -> Run:
+def setup(cfg: dict, overwrite: bool = False, timeout: float | None = None) -> Run:
     """Build or restore the model, EMA, optimizer and data stream, and open the outputs (the config is valid)."""
     tc = cfg["train"]
-    accelerator = start_accelerator(tc)
+    accelerator = start_accelerator(tc, timeout)
     rank, world, device = accelerator.process_index, accelerator.num_processes, accelerator.device
     select_scan_backend(cfg["model"]["scan_backend"])
     micro = tc["batch_size"] // (world * tc["grad_accum"])
@@ -269,12 +259,15 @@ def setup(cfg: dict, overwrite: bool = False) -> Run:
     accelerator.wait_for_everyone()
 
     dataset = build_dataset_from(cfg)
+    if world > 1:
+        check_ranks_agree(cfg, state, dataset, world)
     run = build_state(cfg, accelerator, run_dir, dataset, state)
     run.micro = micro
     run.train_step = TrainStep(run.model, run.diffusion, run.optimizer, run.scheduler, run.ema,
                                loss_type=cfg["routing"]["loss"], grad_clip=cfg["optim"]["grad_clip"],
                                no_sync=no_gradient_sync if is_sharded(run.raw_model) else accelerator.no_sync)
-    workers = loader_workers(world) if cfg["data"]["num_workers"] is None else cfg["data"]["num_workers"]
+    node_ranks = int(os.environ.get("LOCAL_WORLD_SIZE", world))  # the ranks sharing this node's CPUs
+    workers = loader_workers(node_ranks) if cfg["data"]["num_workers"] is None else cfg["data"]["num_workers"]
     loader = DataLoader(dataset, num_workers=workers, pin_memory=device.type == "cuda",
                         batch_sampler=GlobalBatches(len(dataset), tc["batch_size"], micro, rank, world, tc["seed"],
                                                     run.step),
@@ -327,8 +320,12 @@ def build_state(cfg: dict, accelerator, run_dir: Path, dataset, state: dict | No
     torch.manual_seed(tc["seed"] * 1009 + rank + step)
     if state is not None and len(state["rng"]) == world:
         set_rng_state(state["rng"][rank], generators)
-    elif state is not None and accelerator.is_main_process:
-        print(f"resuming on {world} ranks from a checkpoint of {len(state['rng'])}: per-rank RNG streams restart")
+    elif state is not None:  # the noise stream is the same on every rank (it draws for the global batch)
+        generators["noise"].set_state(state["rng"][0]["noise"])
+        if accelerator.is_main_process:
+            print(f"resuming on {world} ranks from a checkpoint of {len(state['rng'])}: the data order, noise and "
+                  f"diffusion times continue; the per-rank streams (routing selections, label dropout, the latents' "
+                  f"flips and posterior samples) restart")
 
     raw_model = model
     if tc["compile"]:

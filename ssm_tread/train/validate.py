@@ -199,7 +199,8 @@ def _check_train(cfg: dict, world: int, problems: _Problems) -> None:
     problems.choice("train.precision", tc["precision"], PRECISIONS)
     if tc["batch_size"] >= 1 and tc["grad_accum"] >= 1 and tc["batch_size"] % (world * tc["grad_accum"]):
         problems.add("train.batch_size", tc["batch_size"], f"is not divisible by {world} rank(s) x "
-                     f"train.grad_accum={tc['grad_accum']}", "change one of them")
+                     f"train.grad_accum={tc['grad_accum']}", "change one of them (a resumed run keeps its "
+                     f"global batch: change train.grad_accum or the number of ranks)")
     if tc["fsdp"] and tc["compile"]:
         problems.add("train.compile", True, "does not combine with train.fsdp (FSDP's per-block gathers break the "
                      "compiled graph)", "set train.compile=false or train.fsdp=false")
@@ -287,4 +288,6 @@ def validate_config(cfg: dict, world: int | None = None) -> None:
     world = world or int(os.environ.get("WORLD_SIZE", 1))
     problems = config_problems(cfg, world)
     if problems:
-        raise ConfigError("\n".join(problems))
+        error = ConfigError("\n".join(problems))
+        error.node_local = any(line.startswith("data.root=") for line in problems)  # a copy on the node's disk
+        raise error
