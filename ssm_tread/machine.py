@@ -14,6 +14,11 @@ def usable_cpus() -> int:
         return os.cpu_count() or 1
 
 
+def node_ranks() -> int:
+    """The ranks sharing this node's CPUs: torchrun's LOCAL_WORLD_SIZE (WORLD_SIZE counts every node's)."""
+    return int(os.environ.get("LOCAL_WORLD_SIZE", os.environ.get("WORLD_SIZE", 1)))
+
+
 def loader_workers(world: int = 1, most: int = 4) -> int:
     """Data-loader worker processes per rank: the CPUs each of ``world`` ranks has besides its own, at most
     ``most``; 0 (load in the rank's process) when a rank has one CPU or less."""

@@ -153,6 +153,18 @@ def test_loader_workers_and_shares_fit_the_machine(monkeypatch):
     assert (share(10_000, 300, 2), share(32, 1000, 8), share(32, 5, 8)) == (150, 32, 1)
 
 
+def test_loader_workers_are_sized_by_the_ranks_of_one_node(monkeypatch):
+    from ssm_tread.machine import node_ranks
+
+    for name in ("WORLD_SIZE", "LOCAL_WORLD_SIZE"):
+        monkeypatch.delenv(name, raising=False)
+    assert node_ranks() == 1
+    monkeypatch.setenv("WORLD_SIZE", "16")
+    assert node_ranks() == 16  # launched without torchrun's per-node count: all ranks on this node
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "8")  # torchrun on 2 nodes of 8
+    assert node_ranks() == 8
+
+
 @pytest.mark.skipif(not hasattr(os, "sched_setaffinity"), reason="no CPU affinity on this system")
 def test_a_run_sizes_its_loader_workers_to_its_cpus(tmp_path):
     (tmp_path / "mine.py").write_text("from quickstart import *\ndata['num_workers'] = None\n")

@@ -18,7 +18,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from ssm_tread.errors import UserError
 from ssm_tread.files import remove_temp_files, weights_sha256
-from ssm_tread.machine import loader_workers, share
+from ssm_tread.machine import loader_workers, node_ranks, share
 from ssm_tread.progress import progress_bar
 
 from .latents import FORMAT, SCALE_FACTOR, index_path, latent_statistics, other_vae_shards, read_index, \
@@ -144,13 +144,13 @@ def extract_latents(image_root, out_dir, vae_path, image_size=256, batch_size=32
     """Extract this rank's unfinished shards. Returns the statistics dict once every shard is done, else None.
 
     ``shard_size`` None: the index's when resuming, else at most 10,000 images with every rank given some;
-    ``num_workers`` None: the loader workers the machine has for each of ``world_size`` ranks."""
+    ``num_workers`` None: the loader workers the machine has for each of the ranks on this node."""
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     classes, samples = list_image_folder(image_root)
     if shard_size is None:
         existing = read_index(out_dir) if os.path.exists(index_path(out_dir)) else {}
         shard_size = existing.get("shard_size") or share(MAX_SHARD_SIZE, len(samples), world_size)
-    num_workers = loader_workers(world_size) if num_workers is None else num_workers
+    num_workers = loader_workers(node_ranks()) if num_workers is None else num_workers
     vae = load_vae(vae_path, device)
     index = plan_index(classes, samples, vae, image_size, shard_size, image_root, vae_path)
     os.makedirs(out_dir, exist_ok=True)

@@ -45,7 +45,7 @@ from ssm_tread.checkpoint import (
     save_checkpoint,
 )
 from ssm_tread.errors import UserError
-from ssm_tread.machine import loader_workers
+from ssm_tread.machine import loader_workers, node_ranks
 from ssm_tread.models import count_macs
 from ssm_tread.ops import allow_tf32, set_backend
 from ssm_tread.progress import progress_bar
@@ -266,8 +266,7 @@ def setup(cfg: dict, overwrite: bool = False, timeout: float | None = None) -> R
     run.train_step = TrainStep(run.model, run.diffusion, run.optimizer, run.scheduler, run.ema,
                                loss_type=cfg["routing"]["loss"], grad_clip=cfg["optim"]["grad_clip"],
                                no_sync=no_gradient_sync if is_sharded(run.raw_model) else accelerator.no_sync)
-    node_ranks = int(os.environ.get("LOCAL_WORLD_SIZE", world))  # the ranks sharing this node's CPUs
-    workers = loader_workers(node_ranks) if cfg["data"]["num_workers"] is None else cfg["data"]["num_workers"]
+    workers = loader_workers(node_ranks()) if cfg["data"]["num_workers"] is None else cfg["data"]["num_workers"]
     loader = DataLoader(dataset, num_workers=workers, pin_memory=device.type == "cuda",
                         batch_sampler=GlobalBatches(len(dataset), tc["batch_size"], micro, rank, world, tc["seed"],
                                                     run.step),
