@@ -413,9 +413,9 @@ def loop(run: Run) -> int:
                 run.metrics.log(run.step, values)
                 bar.set_postfix(loss=f"{values['loss']:.4f}", img_s=f"{values['images_per_s']:.0f}")
             if lc["grid_every"] and run.step % lc["grid_every"] == 0 and not stopping:
-                sampler = run.ema.sampling_model()  # under FSDP a gather every rank joins
+                ema_model = run.ema.sampling_model()  # under FSDP a gather every rank joins
                 if run.main:
-                    stop.interruptible(write_grid, run, sampler, run.run_dir / "grids" / f"step-{run.step:07d}.png")
+                    stop.interruptible(write_grid, run, ema_model, run.run_dir / "grids" / f"step-{run.step:07d}.png")
                 stopping = stop.agreed(world)
             if tc["ckpt_every"] and run.step % tc["ckpt_every"] == 0 or stopping:
                 run.last_ckpt = save(run)
@@ -437,14 +437,14 @@ def loop(run: Run) -> int:
     return 0
 
 
-def write_grid(run: Run, sampler, path: Path) -> None:
-    """A grid of ``sample.grid_classes`` x ``sample.grid_per_class`` samples from fixed noise."""
+def write_grid(run: Run, ema_model, path: Path) -> None:
+    """A grid of ``sample.grid_classes`` x ``sample.grid_per_class`` samples of ``ema_model`` from fixed noise."""
     sc, device = run.cfg["sample"], run.accelerator.device
     labels = grid_labels(grid_classes(sc, run.dataset.num_classes), sc["grid_per_class"], device)
     generator = torch.Generator().manual_seed(sc["seed"])
     noise = torch.randn((len(labels), *noise_shape(run.raw_model)), generator=generator)
     with isolated_rng(device):  # the training's draws stay as they were
-        images = generate(sampler, run.diffusion, labels, noise.to(device), sc, run.decode,
+        images = generate(ema_model, run.diffusion, labels, noise.to(device), sc, run.decode,
                           torch.Generator(device).manual_seed(sc["seed"]))
     save_grid(images, path, sc["grid_cols"] or sc["grid_per_class"])
 
@@ -473,15 +473,15 @@ def finish(run: Run) -> dict:
         run.last_ckpt = save(run)
     summary, grid = {"run_dir": run.run_dir, "step": run.step, "checkpoint": run.last_ckpt, "stopped": False}, None
     can_sample = run.decode is not None or run.cfg["data"]["name"] != "latents"  # latents need the VAE
-    sampler = run.ema.sampling_model() if can_sample else None  # under FSDP a gather every rank joins
+    ema_model = run.ema.sampling_model() if can_sample else None  # under FSDP a gather every rank joins
     if run.evaluation is not None:
-        summary["eval"], grid = run.evaluation.final(sampler, run.step, run.run_dir)
+        summary["eval"], grid = run.evaluation.final(ema_model, run.step, run.run_dir)
     if run.main:
         plot_loss(run.metrics.path, run.run_dir / "loss.png")
         if grid is not None:
             save_grid(grid, run.run_dir / "samples.png", sc["grid_cols"] or sc["grid_per_class"])
         elif can_sample:
-            write_grid(run, sampler, run.run_dir / "samples.png")
+            write_grid(run, ema_model, run.run_dir / "samples.png")
         run.metrics.close()
     run.accelerator.wait_for_everyone()
     return summary
