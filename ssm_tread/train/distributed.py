@@ -44,13 +44,17 @@ class GlobalBatches:
             position += take
         return torch.cat(parts)
 
+    def micro_slice(self, j: int) -> slice:
+        """Where micro-batch ``j`` of this rank lies in its step's global batch (of samples, noise or times)."""
+        lo = (j * self.world + self.rank) * self.micro
+        return slice(lo, lo + self.micro)
+
     def __iter__(self):
         step = self.start_step
         while True:
             indices = self.global_indices(step)
             for j in range(self.batch // (self.micro * self.world)):
-                lo = (j * self.world + self.rank) * self.micro
-                yield indices[lo:lo + self.micro].tolist()
+                yield indices[self.micro_slice(j)].tolist()
             step += 1
 
 
