@@ -25,7 +25,7 @@ import math
 import os
 import signal
 from contextlib import nullcontext
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
 
@@ -175,7 +175,8 @@ def check_batch(cfg: dict, state: dict) -> dict:
 
 @dataclass
 class Run:
-    """Everything a run holds between setup, the loop and the finish."""
+    """Everything a run holds between setup, the loop and the finish; the loop advances ``step``, ``clock`` and
+    ``last_ckpt``."""
 
     cfg: dict
     accelerator: object
@@ -190,17 +191,17 @@ class Run:
     generators: dict
     step: int
     clock: list  # training time so far [wall s, CPU s], evaluations, grids and checkpoints excluded
-    model_name: str = ""
-    model_kwargs: dict = field(default_factory=dict)
-    macs: int = 0  # forward MACs per image, routed
-    batches: object = None
-    train_step: TrainStep = None
-    micro: int = 0
-    workers: int = 0  # data-loader worker processes of this rank
-    decode: object = None
-    metrics: Metrics | None = None
-    evaluation: Evaluation | None = None
-    last_ckpt: Path | None = None
+    model_name: str
+    model_kwargs: dict
+    macs: int  # forward MACs per image, routed
+    train_step: TrainStep
+    batch_order: GlobalBatches  # the samples, noise and times of each of this rank's micro-batches
+    batches: object  # the data loader's micro-batches, in that order
+    workers: int  # data-loader worker processes of this rank
+    decode: object  # latents -> images; None for pixel data, or latents without grids and evaluation
+    metrics: Metrics | None  # rank 0's
+    evaluation: Evaluation | None
+    last_ckpt: Path | None
 
     @property
     def ckpt_dir(self) -> Path:
@@ -252,7 +253,6 @@ def setup(cfg: dict, overwrite: bool = False, timeout: float | None = None) -> R
     accelerator = start_accelerator(tc, timeout)
     rank, world, device = accelerator.process_index, accelerator.num_processes, accelerator.device
     select_scan_backend(cfg["model"]["scan_backend"])
-    micro = tc["batch_size"] // (world * tc["grad_accum"])
     run_dir = run_dir_of(cfg)
     state = find_resume(cfg, run_dir / "checkpoints", print if accelerator.is_main_process else lambda line: None,
                         overwrite)
@@ -261,26 +261,29 @@ def setup(cfg: dict, overwrite: bool = False, timeout: float | None = None) -> R
     dataset = build_dataset_from(cfg)
     if world > 1:
         check_ranks_agree(cfg, state, dataset, world)
-    run = build_state(cfg, accelerator, run_dir, dataset, state)
-    run.micro = micro
-    run.train_step = TrainStep(run.model, run.diffusion, run.optimizer, run.scheduler, run.ema,
-                               loss_type=cfg["routing"]["loss"], grad_clip=cfg["optim"]["grad_clip"],
-                               no_sync=no_gradient_sync if is_sharded(run.raw_model) else accelerator.no_sync)
+    trained = build_state(cfg, accelerator, dataset, state)
+    train_step = TrainStep(trained["model"], trained["diffusion"], trained["optimizer"], trained["scheduler"],
+                           trained["ema"], loss_type=cfg["routing"]["loss"], grad_clip=cfg["optim"]["grad_clip"],
+                           no_sync=no_gradient_sync if is_sharded(trained["raw_model"]) else accelerator.no_sync)
+    batch_order = GlobalBatches(len(dataset), tc["batch_size"], tc["batch_size"] // (world * tc["grad_accum"]), rank,
+                                world, tc["seed"], trained["step"])
     workers = loader_workers(node_ranks()) if cfg["data"]["num_workers"] is None else cfg["data"]["num_workers"]
-    loader = DataLoader(dataset, num_workers=workers, pin_memory=device.type == "cuda",
-                        batch_sampler=GlobalBatches(len(dataset), tc["batch_size"], micro, rank, world, tc["seed"],
-                                                    run.step),
+    loader = DataLoader(dataset, num_workers=workers, pin_memory=device.type == "cuda", batch_sampler=batch_order,
                         generator=torch.Generator().manual_seed(tc["seed"] + rank), worker_init_fn=_ignore_sigint,
                         persistent_workers=workers > 0)
-    run.batches = iter(loader)
-    run.workers = workers
-    open_outputs(run, fresh=state is None)
+    batches = iter(loader)
+    outputs = open_outputs(cfg, accelerator, run_dir, dataset, trained, fresh=state is None)
+    run = Run(cfg=cfg, accelerator=accelerator, run_dir=run_dir, dataset=dataset, **trained, train_step=train_step,
+              batch_order=batch_order, batches=batches, workers=workers, **outputs)
+    if run.main:
+        announce(run)
     return run
 
 
-def build_state(cfg: dict, accelerator, run_dir: Path, dataset, state: dict | None) -> Run:
+def build_state(cfg: dict, accelerator, dataset, state: dict | None) -> dict:
     """The model, its EMA, the diffusion, AdamW and its schedule, and the RNG streams: new (seeded) or from
-    the loaded checkpoint ``state``; sharded under FSDP, wrapped for DDP otherwise."""
+    the loaded checkpoint ``state``; sharded under FSDP, wrapped for DDP otherwise. Keyed as the fields of
+    :class:`Run`."""
     from ssm_tread.diffusion import create_diffusion
     from ssm_tread.models import create_model
 
@@ -333,46 +336,53 @@ def build_state(cfg: dict, accelerator, run_dir: Path, dataset, state: dict | No
         model.forward = accelerator.autocast()(model.forward)
     else:
         model, optimizer = accelerator.prepare(model, optimizer)
-    return Run(cfg, accelerator, run_dir, dataset, model, raw_model, ema,
-               create_diffusion(cfg["diffusion"]["objective"], **cfg["diffusion"]["kwargs"]), optimizer, scheduler,
-               generators, step, list(state.get("clock", [0.0, 0.0])) if state is not None else [0.0, 0.0],
-               model_name, model_kwargs, macs)
+    return dict(model=model, raw_model=raw_model, ema=ema,
+                diffusion=create_diffusion(cfg["diffusion"]["objective"], **cfg["diffusion"]["kwargs"]),
+                optimizer=optimizer, scheduler=scheduler, generators=generators, step=step,
+                clock=list(state.get("clock", [0.0, 0.0])) if state is not None else [0.0, 0.0],
+                model_name=model_name, model_kwargs=model_kwargs, macs=macs)
 
 
-def open_outputs(run: Run, fresh: bool) -> None:
-    """The VAE decoder (latent models that sample), metrics.jsonl, the evaluation, and the run's banner."""
-    cfg, device = run.cfg, run.accelerator.device
+def open_outputs(cfg: dict, accelerator, run_dir: Path, dataset, trained: dict, fresh: bool) -> dict:
+    """The VAE decoder (latent models that sample), metrics.jsonl, the evaluation and the newest checkpoint, keyed
+    as the fields of :class:`Run`; ``trained`` is :func:`build_state`'s."""
+    device, main = accelerator.device, accelerator.is_main_process
     lc, sc, ec = cfg["log"], cfg["sample"], cfg["eval"]
+    ckpt_dir, decode = run_dir / "checkpoints", None
     if cfg["data"]["name"] == "latents" and (lc["grid_every"] or ec["num_samples"]):
         try:
-            run.decode = load_vae(sc["vae"], device)
+            decode = load_vae(sc["vae"], device)
         except FileNotFoundError as e:
             raise ConfigError(f"{e}; or turn off sample grids (log.grid_every=0) and evaluation "
                               f"(eval.num_samples=0 eval.every=0)") from None
-    if run.main:  # the run has started: its config replaces the one of the run dir
-        save_config(cfg, run.run_dir / "config.json")
-        remove_partial_checkpoints(run.ckpt_dir)  # a killed write's temp files (rank 0 holds the run dir's lock)
-    if run.main and fresh:
-        for _, old in list_checkpoints(run.ckpt_dir):  # an earlier run's, with --overwrite
+    if main:  # the run has started: its config replaces the one of the run dir
+        save_config(cfg, run_dir / "config.json")
+        remove_partial_checkpoints(ckpt_dir)  # a killed write's temp files (rank 0 holds the run dir's lock)
+    if main and fresh:
+        for _, old in list_checkpoints(ckpt_dir):  # an earlier run's, with --overwrite
             old.unlink()
-    run.last_ckpt = latest_checkpoint(run.ckpt_dir)
-    run.metrics = Metrics(run.run_dir, lc["tensorboard"], run.step) if run.main else None
+    metrics = Metrics(run_dir, lc["tensorboard"], trained["step"]) if main else None
+    evaluation = None
     if ec["num_samples"]:
-        run.evaluation = Evaluation(cfg, run.dataset.num_classes, noise_shape(run.raw_model), run.diffusion, device,
-                                    run.decode, run.metrics, run.accelerator.process_index,
-                                    run.accelerator.num_processes)
-    if run.main:
-        params = sum(p.numel() for p in run.raw_model.parameters())
-        world, fsdp = run.accelerator.num_processes, is_sharded(run.raw_model)
-        print(f"{run.model_name}: {params / 1e6:.2f}M parameters, {run.macs / 1e9:.3f} GMACs/image routed; {world} "
-              f"rank(s) on {device.type}{' (FSDP)' if fsdp else ''}, micro-batch {run.micro} x "
-              f"{cfg['train']['grad_accum']} accumulation, {run.workers} loader worker(s); run dir {run.run_dir}"
-              + (f"; resuming from step {run.step}" if run.step else ""))
-        if cfg["train"]["fsdp"] and not fsdp:
-            print("train.fsdp: a single process has nothing to shard; it trains unsharded")
-        if run.step >= cfg["train"]["steps"]:
-            print(f"the run is complete at step {run.step} (train.steps={cfg['train']['steps']}): nothing to train, "
-                  f"only its final outputs are made again; to train longer, resume with a larger train.steps")
+        evaluation = Evaluation(cfg, dataset.num_classes, noise_shape(trained["raw_model"]), trained["diffusion"],
+                                device, decode, metrics, accelerator.process_index, accelerator.num_processes)
+    return dict(decode=decode, metrics=metrics, evaluation=evaluation, last_ckpt=latest_checkpoint(ckpt_dir))
+
+
+def announce(run: Run) -> None:
+    """The run's banner: the model, its cost, the ranks, the batch and where it continues from."""
+    cfg, device = run.cfg, run.accelerator.device
+    params = sum(p.numel() for p in run.raw_model.parameters())
+    world, fsdp = run.accelerator.num_processes, is_sharded(run.raw_model)
+    print(f"{run.model_name}: {params / 1e6:.2f}M parameters, {run.macs / 1e9:.3f} GMACs/image routed; {world} "
+          f"rank(s) on {device.type}{' (FSDP)' if fsdp else ''}, micro-batch {run.batch_order.micro} x "
+          f"{cfg['train']['grad_accum']} accumulation, {run.workers} loader worker(s); run dir {run.run_dir}"
+          + (f"; resuming from step {run.step}" if run.step else ""))
+    if cfg["train"]["fsdp"] and not fsdp:
+        print("train.fsdp: a single process has nothing to shard; it trains unsharded")
+    if run.step >= cfg["train"]["steps"]:
+        print(f"the run is complete at step {run.step} (train.steps={cfg['train']['steps']}): nothing to train, "
+              f"only its final outputs are made again; to train longer, resume with a larger train.steps")
 
 
 def loop(run: Run) -> int:
@@ -380,8 +390,7 @@ def loop(run: Run) -> int:
     checkpoint; a grid or an evaluation in progress is abandoned), else 0."""
     cfg, accelerator = run.cfg, run.accelerator
     tc, lc, ec = cfg["train"], cfg["log"], cfg["eval"]
-    device, world, rank = accelerator.device, accelerator.num_processes, accelerator.process_index
-    shape, accum, micro = noise_shape(run.raw_model), tc["grad_accum"], run.micro
+    device, world, shape = accelerator.device, accelerator.num_processes, noise_shape(run.raw_model)
     window = Window(run.clock)
     bar = progress_bar(total=tc["steps"], initial=run.step, enabled=run.main and lc["progress"], dynamic_ncols=True)
     stop = StopSignal()
@@ -392,11 +401,11 @@ def loop(run: Run) -> int:
             noise = torch.randn((tc["batch_size"], *shape), generator=run.generators["noise"], device=device)
             times = run.diffusion.sample_time(noise, run.generators["noise"])
             micro_batches = []
-            for j in range(accum):
+            for j in range(tc["grad_accum"]):
                 x, y = next(run.batches)
-                lo = (j * world + rank) * micro
-                micro_batches.append((x.to(device, non_blocking=True), y.to(device, non_blocking=True),
-                                      noise[lo:lo + micro], times[lo:lo + micro]))
+                part = run.batch_order.micro_slice(j)
+                micro_batches.append((x.to(device, non_blocking=True), y.to(device, non_blocking=True), noise[part],
+                                      times[part]))
             loss = run.train_step.backward(micro_batches)
             flags = torch.stack([loss, torch.tensor(float(stop.received is not None), device=device)])
             loss_value, stopping = (accelerator.reduce(flags, "sum") / torch.tensor([world, 1], device=device)).tolist()
