@@ -2,6 +2,7 @@
 from the checkpoints, reference statistics, the split over two gloo processes, and the errors for missing files."""
 import json
 import math
+import shutil
 
 import numpy as np
 import pytest
@@ -112,10 +113,16 @@ def test_digits_are_evaluated_every_n_steps_and_after_training(tmp_path):
     assert evals[2]["eval/fid"] != evals[4]["eval/fid"]
 
 
-def test_latent_model_fid_matches_an_independent_computation(tmp_path, latents, vae_dir, inception, reference):
+@pytest.mark.parametrize("scale", [0.18215, 0.5])
+def test_latent_model_fid_matches_an_independent_computation(tmp_path, latents, vae_dir, inception, reference, scale):
+    """Decoded with the scale the latents' index records (0.5: another VAE's), the one the dataset multiplied by."""
     from diffusers import AutoencoderKL
     model, inception_path = inception
     ref_path, mu, sigma = reference
+    if scale != 0.18215:
+        latents = shutil.copytree(latents, tmp_path / "latents")
+        index = json.loads((latents / "index.json").read_text())
+        (latents / "index.json").write_text(json.dumps({**index, "scale_factor": scale}))
     train(latent_run(tmp_path, latents, vae_dir, "train.steps=2", "eval.every=2", "eval.num_samples=4",
                      "sample.batch_size=3", f"eval.reference={ref_path}", f"eval.inception={inception_path}"))
     evals = eval_rows(tmp_path)
@@ -125,7 +132,7 @@ def test_latent_model_fid_matches_an_independent_computation(tmp_path, latents, 
     vae = AutoencoderKL.from_pretrained(vae_dir).eval()
     with torch.no_grad():
         images, _ = eval_set(tmp_path / "checkpoints" / "step-0000002.pt",
-                             decode=lambda z: vae.decode(z / 0.18215).sample.clamp(-1, 1))
+                             decode=lambda z: vae.decode(z / scale).sample.clamp(-1, 1))
         pixels = ((images + 1) * 127.5).round()  # uint8 values, as the samples of an ADM .npz
         features = model(pixels)["pool"].double().numpy()
     assert images.shape == (4, 3, 16, 16)

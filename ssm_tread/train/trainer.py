@@ -351,7 +351,7 @@ def open_outputs(cfg: dict, accelerator, run_dir: Path, dataset, trained: dict, 
     ckpt_dir, decode = run_dir / "checkpoints", None
     if cfg["data"]["name"] == "latents" and (lc["grid_every"] or ec["num_samples"]):
         try:
-            decode = load_vae(sc["vae"], device)
+            decode = load_vae(sc["vae"], device, dataset.scale_factor)  # what the dataset multiplied the latents by
         except FileNotFoundError as e:
             raise ConfigError(f"{e}; or turn off sample grids (log.grid_every=0) and evaluation "
                               f"(eval.num_samples=0 eval.every=0)") from None
