@@ -407,6 +407,9 @@ def loop(run: Run) -> int:
                 micro_batches.append((x.to(device, non_blocking=True), y.to(device, non_blocking=True), noise[part],
                                       times[part]))
             loss = run.train_step.backward(micro_batches)
+            # one all-reduce per step of what the ranks must agree on before the update: the mean loss (logged; a
+            # non-finite one stops every rank before its step is applied) and whether any rank got a stop signal. The
+            # flag needs this host sync every step, so the loss rides along (nanoGPT reads its loss only to log).
             flags = torch.stack([loss, torch.tensor(float(stop.received is not None), device=device)])
             loss_value, stopping = (accelerator.reduce(flags, "sum") / torch.tensor([world, 1], device=device)).tolist()
             if not math.isfinite(loss_value):
