@@ -1,6 +1,24 @@
 """Checkpoints: atomic, checksummed writes of finite weights; the newest (good) one of a run; pruning that
 keeps the newest; loading with a checksum and a shape check.
 
+A checkpoint is one dict, built by :func:`checkpoint_state` for training runs and converted official models
+alike (``torch.load(path, weights_only=True)`` reads it):
+
+- ``model``: the weights, a full state dict (gathered under FSDP).
+- ``ema``: their exponential moving average: what sampling, evaluation and ``train.init_from`` use.
+- ``step``: the optimizer steps taken (0 for a converted model); the data position is the step times the
+  global batch, and the learning rate a function of the config and the step.
+- ``config``: the run's resolved config (ssm_tread.train.config), whose ``sample`` and ``diffusion`` settings
+  sampling takes.
+- ``model_name``, ``model_kwargs``: the call ``create_model(model_name, **model_kwargs)`` that builds the model.
+- ``optimizer`` (training runs): AdamW's ``state_dict()``, full as an unsharded run has it.
+- ``rng`` (training runs): each rank's RNG states in rank order (ssm_tread.train.rng.rng_state: the global
+  torch and CUDA ones and the run's ``noise`` and ``routing`` generators).
+- ``clock`` (training runs): the training time so far, [wall s, CPU s], evaluations, grids and checkpoints
+  excluded.
+- ``converted_from`` (converted official models): the absolute path of the official file.
+- ``checksum``: see below; :func:`save_checkpoint` adds it. :func:`load_checkpoint` adds ``path``, the file read.
+
 A checkpoint stores a sha256 ``checksum`` of everything else it holds (every tensor's bytes, every other
 value's repr, in order); loading recomputes it, so flipped bytes that still unpickle are caught. One that
 fails is named as corrupt; a resumed run then falls back to the newest good one
@@ -101,6 +119,15 @@ def list_checkpoints(folder: str | os.PathLike) -> list[tuple[int, Path]]:
 def latest_checkpoint(folder: str | os.PathLike) -> Path | None:
     found = list_checkpoints(folder)
     return found[-1][1] if found else None
+
+
+def checkpoint_state(*, model: dict, ema: dict, step: int, config: dict, model_name: str, model_kwargs: dict,
+                     optimizer: dict | None = None, rng: list | None = None, clock: list | None = None,
+                     converted_from: str | None = None) -> dict:
+    """The checkpoint's dict (its keys are listed at the top of this module), without the keys given as None."""
+    state = {"model": model, "ema": ema, "optimizer": optimizer, "step": step, "rng": rng, "clock": clock,
+             "config": config, "model_name": model_name, "model_kwargs": model_kwargs, "converted_from": converted_from}
+    return {key: value for key, value in state.items() if value is not None}
 
 
 def save_checkpoint(state: dict, path: str | os.PathLike) -> Path:

@@ -31,7 +31,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch  # noqa: E402
 
 from tools.cli import ArgumentParser, fail, run_tool  # noqa: E402
-from ssm_tread.checkpoint import save_checkpoint  # noqa: E402
+from ssm_tread.checkpoint import checkpoint_state, save_checkpoint  # noqa: E402
 from ssm_tread.models import load_official  # noqa: E402
 from ssm_tread.models.official import check_arch, infer_kwargs  # noqa: E402
 from ssm_tread.train.config import load_config  # noqa: E402
@@ -71,8 +71,8 @@ def convert(arch: str, source: str, out: str, config_path: str | None = None, ov
     weights = model.state_dict()
     default_config = (CONFIGS_512 if kwargs.get("input_size") == 64 else CONFIGS)[arch]
     cfg = converted_config(arch, kwargs, config_path or default_config, list(overrides))
-    return save_checkpoint({"model": weights, "ema": weights, "step": 0, "config": cfg, "model_name": arch,
-                            "model_kwargs": kwargs, "converted_from": os.path.abspath(source)}, out)
+    return save_checkpoint(checkpoint_state(model=weights, ema=weights, step=0, config=cfg, model_name=arch,
+                                            model_kwargs=kwargs, converted_from=os.path.abspath(source)), out)
 
 
 def main():

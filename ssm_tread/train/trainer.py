@@ -13,11 +13,11 @@ flips and posterior samples use per-rank generators. A run resumed on another nu
 the data order, the noise and the times exactly and restarts the per-rank streams; it must keep the global
 batch (another one is refused: it would skip or repeat samples). On several nodes the ranks check before
 step 1 that they run the same config (``data.root`` may differ: a node-local copy of the latents), resume
-from the same checkpoint and read data sets of the same size. A checkpoint holds the model, the EMA, the
-optimizer, the step, the RNG states of every rank and the training clock; the data position is the step
-itself, and the learning rate a function of the config and the step (ssm_tread.train.step.schedule_at).
-Under FSDP (``train.fsdp``, see ssm_tread.train.fsdp) its states are gathered in full: the same checkpoint as
-without it.
+from the same checkpoint and read data sets of the same size. A checkpoint (ssm_tread.checkpoint lists its
+keys) holds the model, the EMA, the optimizer, the step, the RNG states of every rank and the training clock;
+the data position is the step itself, and the learning rate a function of the config and the step
+(ssm_tread.train.step.schedule_at). Under FSDP (``train.fsdp``, see ssm_tread.train.fsdp) its states are
+gathered in full: the same checkpoint as without it.
 """
 from __future__ import annotations
 
@@ -35,6 +35,7 @@ from torch.utils.data import DataLoader
 
 from ssm_tread.checkpoint import (
     checkpoint_path,
+    checkpoint_state,
     latest_checkpoint,
     list_checkpoints,
     load_checkpoint,
@@ -469,10 +470,9 @@ def save(run: Run) -> Path:
     weights, ema_weights = full_state_dict(run.raw_model), run.ema.state_dict()  # under FSDP: gathered to rank 0
     optimizer_state = full_optimizer_state(run.raw_model, run.optimizer)
     if run.main:
-        save_checkpoint({"model": weights, "ema": ema_weights, "optimizer": optimizer_state,
-                         "step": run.step, "rng": states,
-                         "clock": list(run.clock), "config": run.cfg,
-                         "model_name": run.model_name, "model_kwargs": run.model_kwargs}, path)
+        save_checkpoint(checkpoint_state(model=weights, ema=ema_weights, step=run.step, config=run.cfg,
+                                         model_name=run.model_name, model_kwargs=run.model_kwargs,
+                                         optimizer=optimizer_state, rng=states, clock=list(run.clock)), path)
         prune_checkpoints(run.ckpt_dir, tc["keep_last"], tc["keep_every"])
     run.accelerator.wait_for_everyone()
     return path
