@@ -79,10 +79,9 @@ def run_overrides(cfg: dict, backbone: str, mode: str, seed: int, runs_root: str
             "log.progress=false", *(DRY_RUN if dry_run else [])]
 
 
-def started_here(config_path: str, overrides: list[str]) -> bool:
-    """Whether the run dir holds a run of exactly this config (its config.json; ``train.resume`` aside, which
-    a resumed run records as "auto")."""
-    cfg = load_config(config_path, overrides)
+def started_here(cfg: dict) -> bool:
+    """Whether the run dir holds a run of exactly the config ``cfg`` (its config.json; ``train.resume`` aside,
+    which a resumed run records as "auto")."""
     saved = Path(cfg["train"]["run_dir"]) / "config.json"
     if not saved.is_file():
         return False
@@ -96,16 +95,16 @@ def started_here(config_path: str, overrides: list[str]) -> bool:
     return ran == wanted
 
 
-def is_finished(config_path: str, overrides: list[str]) -> bool:
-    run_dir = Path(load_config(config_path, overrides)["train"]["run_dir"])
-    return (run_dir / "eval.json").is_file() and started_here(config_path, overrides)
+def is_finished(cfg: dict) -> bool:
+    return (Path(cfg["train"]["run_dir"]) / "eval.json").is_file() and started_here(cfg)
 
 
 def train_run(config_path: str, overrides: list[str]) -> tuple[int, Path]:
     """``python tools/train.py CONFIG OVERRIDES --resume`` where the run dir holds a checkpoint of this run,
     else ``--overwrite`` (it starts over), with its output appended to the run's train.log; (exit code, log)."""
-    run_dir = Path(load_config(config_path, overrides)["train"]["run_dir"])
-    resume = started_here(config_path, overrides) and latest_checkpoint(run_dir / "checkpoints") is not None
+    cfg = load_config(config_path, overrides)
+    run_dir = Path(cfg["train"]["run_dir"])
+    resume = started_here(cfg) and latest_checkpoint(run_dir / "checkpoints") is not None
     run_dir.mkdir(parents=True, exist_ok=True)
     log = run_dir / "train.log"
     with open(log, "a" if resume else "w") as f:
@@ -142,7 +141,7 @@ def run_study(config_path: str, runs_root: str | os.PathLike, workers: int = 1, 
     if dry_run and seeds is None:
         seeds = list(cfg["_study"]["seeds"])[:1]
     todo = [(run, run_overrides(cfg, *run, runs_root, dry_run)) for run in grid(cfg, backbones, modes, seeds)]
-    todo = [(run, overrides) for run, overrides in todo if not is_finished(config_path, overrides)]
+    todo = [(run, overrides) for run, overrides in todo if not is_finished(load_config(config_path, overrides))]
     failed = []
     with ThreadPoolExecutor(max_workers=max(1, workers)) as pool, progress_bar(total=len(todo), desc="study runs") as bar:
         for (run, _), (code, log) in zip(todo, pool.map(lambda item: train_run(config_path, item[1]), todo)):
@@ -154,8 +153,9 @@ def run_study(config_path: str, runs_root: str | os.PathLike, workers: int = 1, 
     runs = {}
     for run in grid(cfg):
         overrides = run_overrides(cfg, *run, runs_root, dry_run)
-        if is_finished(config_path, overrides):
-            runs[run_key(*run)] = collect_run(load_config(config_path, overrides), *run)
+        run_cfg = load_config(config_path, overrides)
+        if is_finished(run_cfg):
+            runs[run_key(*run)] = collect_run(run_cfg, *run)
     study = json.loads(json.dumps(cfg["_study"]))
     return {"config": {**study, "file": config_path, "runs_dir": str(runs_root), "dry_run": dry_run},
             "meta": meta or {}, "runs": runs}
