@@ -27,7 +27,7 @@ from ssm_tread.checkpoint import list_checkpoints, load_checkpoint, load_newest_
 from ssm_tread.machine import loader_workers
 from ssm_tread.train import distributed, trainer
 from ssm_tread.train.config import ConfigError
-from ssm_tread.train.distributed import RanksDisagree
+from ssm_tread.train.distributed import LostRanks, RanksDisagree, lost_ranks_stop_in_one_line
 from ssm_tread.train.runlock import RunDirError, RunLock
 from ssm_tread.train.trainer import TrainingError, train
 from ssm_tread.train.validate import validate_config
@@ -184,6 +184,7 @@ def test_a_dead_node_stops_the_run_which_resumes_on_one_node(latents, tmp_path, 
         assert time.monotonic() - killed < 60
     finally:
         kill_the_rest(agents)
+    said_lost_ranks(log(tmp_path, 1 - node), rank=1 - node)
     assert json.loads((run_dir / "config.json").read_text())["data"]["root"] == str(roots[node])
 
     newest = load_newest_good(run_dir / "checkpoints")["step"]
@@ -201,6 +202,39 @@ def test_a_dead_node_stops_the_run_which_resumes_on_one_node(latents, tmp_path, 
         assert b[step] == pytest.approx(a[step], rel=1e-4), step
     for key, value in params(reference["checkpoint"]).items():
         torch.testing.assert_close(params(resumed["checkpoint"])[key], value, rtol=1e-4, atol=1e-6)
+
+
+def said_lost_ranks(node_log: str, rank: int):
+    """The surviving worker printed one error line naming the checkpoint to resume from, not torch's traceback
+    (the torchrun agent's own report of a failed worker follows it)."""
+    worker = [line for line in node_log.splitlines() if line.startswith(f"[rank{rank}]") or line.startswith("error:")]
+    assert len(worker) == 1, node_log[-3000:]
+    where = f"rank {rank}: " if rank else ""  # rank 0 prints for the whole run
+    assert worker[0].startswith(f"error: {where}lost the other ranks at step "), worker[0]
+    assert "the run dir keeps step-" in worker[0] and worker[0].endswith("continue with --resume"), worker[0]
+
+
+class FakeRun:
+    def __init__(self, world, last_ckpt):
+        self.accelerator = type("Accelerator", (), {"num_processes": world, "process_index": 1})()
+        self.step, self.last_ckpt = 7, last_ckpt
+
+
+def test_a_collective_that_fails_for_a_lost_rank_becomes_one_line_naming_the_checkpoint():
+    gloo = RuntimeError("[/pytorch/third_party/gloo/gloo/transport/tcp/pair.cc:561] Connection closed by peer "
+                        "[127.0.0.1]:3731. This is typically caused by a remote worker crashing.\nmore")
+    with pytest.raises(LostRanks) as raised, lost_ranks_stop_in_one_line(FakeRun(2, Path("ck/step-0000006.pt"))):
+        raise gloo
+    assert str(raised.value) == (
+        "lost the other ranks at step 7 (Connection closed by peer [127.0.0.1]:3731): a node died, hung past "
+        "--timeout or was cut off, its own log says why; the run dir keeps step-0000006.pt: continue with --resume")
+    assert raised.value.node_local and raised.value.__cause__ is gloo
+    with pytest.raises(LostRanks, match="no checkpoint was written yet"), lost_ranks_stop_in_one_line(FakeRun(2, None)):
+        raise torch.distributed.DistBackendError("NCCL communicator was aborted on rank 0.")
+    for world, error in [(2, RuntimeError("mat1 and mat2 shapes cannot be multiplied")), (1, gloo)]:
+        with pytest.raises(RuntimeError) as raised, lost_ranks_stop_in_one_line(FakeRun(world, None)):
+            raise error
+        assert raised.value is error  # a bug, or one process: unchanged
 
 
 class Data(list):
@@ -289,6 +323,7 @@ def test_a_hung_node_fails_the_run_after_the_timeout(tmp_path):
         assert time.monotonic() - stopped < 40
     finally:
         kill_the_rest(agents)
+    said_lost_ranks(log(tmp_path, 1 - node), rank=1 - node)
     assert load_newest_good(run_dir / "checkpoints")["step"] >= 4
 
 

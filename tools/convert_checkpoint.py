@@ -6,7 +6,8 @@
     # the ImageNet-512 fine-tune (its 64000-step nnet_ema.pth), then TREAD on 512 latents from it
     python tools/convert_checkpoint.py --arch dim nnet_ema.pth runs/dim_h_512_official/checkpoints/step-0000000.pt
     python tools/train.py configs/dim_h_512_tread.py train.init_from=runs/dim_h_512_official
-    python tools/convert_checkpoint.py --arch dit DiT-XL-2-512x512.pt runs/dit_xl2_512_official/checkpoints/step-0000000.pt
+    python tools/convert_checkpoint.py --arch dit DiT-XL-2-512x512.pt \\
+        runs/dit_xl2_512_official/checkpoints/step-0000000.pt
 
 IN: an official checkpoint (DiT: facebookresearch/DiT's ``DiT-XL-2-{256x256,512x512}.pt``; DiM:
 tyshiwo1/DiM-DiffusionMamba's ``nnet_ema.pth``; ZigMa: CompVis/zigma);

@@ -4,6 +4,7 @@ command line and its own view of the files)."""
 from __future__ import annotations
 
 import socket
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -15,6 +16,33 @@ from ssm_tread.train.config import flat_config
 
 class RanksDisagree(UserError, RuntimeError):
     """Ranks that would train different runs; the message names the rank, its host and what differs."""
+
+
+class LostRanks(UserError, RuntimeError):
+    """A collective failed: another rank died, hung past ``--timeout`` or was cut off. Printed by the first
+    rank of every node (as ``error: rank N: ...``), since the node of rank 0 may be the one that died."""
+
+    node_local = True
+
+
+@contextmanager
+def lost_ranks_stop_in_one_line(run):
+    """Turn the process group's own error, raised in this rank when another one is gone (gloo: a RuntimeError
+    naming its transport; NCCL: a DistBackendError), into :class:`LostRanks`, which names the newest
+    checkpoint of ``run`` (a trainer Run) to resume from. Other errors pass unchanged."""
+    try:
+        yield
+    except RuntimeError as e:
+        if run.accelerator.num_processes == 1 or isinstance(e, UserError):
+            raise
+        if not (isinstance(e, dist.DistError) or "gloo" in str(e) or "NCCL" in str(e)):
+            raise
+        # gloo's first sentence, without its source location: "[.../pair.cc:561] Connection closed by peer [ip]:port."
+        cause = str(e).strip().splitlines()[0].split("] ", 1)[-1].split(". ")[0].rstrip(".")
+        resume = (f"the run dir keeps {run.last_ckpt.name}: continue with --resume" if run.last_ckpt else
+                  "no checkpoint was written yet")
+        raise LostRanks(f"lost the other ranks at step {run.step} ({cause}): a node died, hung past --timeout or "
+                        f"was cut off, its own log says why; {resume}") from e
 
 
 class GlobalBatches:

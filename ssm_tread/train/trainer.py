@@ -52,7 +52,7 @@ from ssm_tread.ops import allow_tf32, set_backend
 from ssm_tread.progress import progress_bar
 from ssm_tread.sampling import generate, grid_labels, load_vae, noise_shape, save_grid
 from ssm_tread.train.config import ConfigError, grid_classes, model_spec, run_dir_of, save_config
-from ssm_tread.train.distributed import GlobalBatches, check_ranks_agree, gather_objects
+from ssm_tread.train.distributed import GlobalBatches, check_ranks_agree, gather_objects, lost_ranks_stop_in_one_line
 from ssm_tread.train.ema import EMA
 from ssm_tread.train.evaluation import Evaluation
 from ssm_tread.train.fsdp import (
@@ -224,11 +224,11 @@ def train(cfg: dict, overwrite: bool = False, timeout: float | None = None) -> d
     validate_config(cfg)
     with RunLock(run_dir_of(cfg)) if int(os.environ.get("RANK", 0)) == 0 else nullcontext():
         run = setup(cfg, overwrite, timeout)
-        stopped = loop(run)
-        if stopped:
-            return {"run_dir": run.run_dir, "step": run.step, "checkpoint": run.last_ckpt, "stopped": True,
-                    "signal": stopped}
-        return finish(run)
+        with lost_ranks_stop_in_one_line(run):
+            if stopped := loop(run):
+                return {"run_dir": run.run_dir, "step": run.step, "checkpoint": run.last_ckpt, "stopped": True,
+                        "signal": stopped}
+            return finish(run)
 
 
 def start_accelerator(tc: dict, timeout: float | None = None):
