@@ -22,6 +22,10 @@
     python tools/benchmark.py study configs/study_mnist.py --workers 9     # on a GPU: the 16x16-token study
     python tools/benchmark.py study configs/study_mnist.py --dry-run       # the same at toy size, CPU, ~1 min
 
+    # what a study's scans read inside its route, without training: the grid distance between consecutively
+    # read image tokens, the share of fixed tokens, the distinct orders (no routing / scan-consistent / naive)
+    python tools/benchmark.py gaps configs/study_digits_1500.py
+
     # planning table: per preset at 256 and 512, parameters, forward GMACs with and without TREAD, activation
     # memory per sample in bf16, the analytic speedup; counted on the meta device (seconds, no GPU, no weights)
     python tools/benchmark.py plan --out docs/results/plan
@@ -180,6 +184,15 @@ def study(args):
     print(f"wrote {out / 'study.md'}, {plot_prefix}_{{steps,compute,wallclock,cputime}}.png")
 
 
+def gaps(args):
+    from ssm_tread.train.config import load_config
+    from ssm_tread.train.trainer import build_dataset_from
+    from tools.bench.scan_gaps import gaps_table, scan_gaps
+
+    cfg = load_config(args.config)
+    print(gaps_table(scan_gaps(cfg, build_dataset_from(cfg), samples=args.samples)))
+
+
 def kernels(args):
     from tools.bench.kernels import compile_kernels, kernel_table, write_json
 
@@ -274,6 +287,12 @@ def main(argv=None):
     s.add_argument("--dry-run", action="store_true", help="the same runs at toy size, first seed only (CPU, seconds "
                                                           "a run): checks that the study will run")
     s.set_defaults(run=study)
+
+    s = sub.add_parser("gaps", help="what the scans read inside a study's route, without training: grid distance "
+                                    "between consecutive reads, fixed tokens, distinct orders")
+    s.add_argument("config", help="a study config file, e.g. configs/study_digits_1500.py")
+    s.add_argument("--samples", type=int, default=512, help="random token selections averaged over")
+    s.set_defaults(run=gaps)
 
     s = sub.add_parser("plan", help="planning table at 256 and 512: params, GMACs, memory per sample (meta device)")
     s.add_argument("--configs", nargs="+", help="config names whose _tread.py variant gives the model and routes, "
