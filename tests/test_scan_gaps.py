@@ -4,6 +4,8 @@ from __future__ import annotations
 import pytest
 import torch
 
+from helpers import ROOT
+
 from ssm_tread.models import create_model
 from ssm_tread.scans import scan_order
 from ssm_tread.train.config import load_config
@@ -16,7 +18,7 @@ class Digits:  # the geometry model_spec reads: 16x16 images, patch 2 -> an 8x8 
 
 @pytest.fixture(scope="module")
 def rows():
-    cfg = load_config("configs/study_digits_1500.py")
+    cfg = load_config(ROOT / "configs" / "study_digits_1500.py")
     return {(r["backbone"], r["mode"]): r for r in scan_gaps(cfg, Digits(), samples=1024)}
 
 
