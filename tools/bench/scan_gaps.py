@@ -14,8 +14,8 @@ from __future__ import annotations
 import torch
 
 from ssm_tread.models import create_model
-from ssm_tread.train.config import model_spec
-from tools.bench.study import MODES
+from ssm_tread.train.config import load_config, model_spec
+from tools.bench.study import MODES, run_overrides
 
 MODE_NAMES = {"none": "no routing", "scan": "TREAD, scan-consistent", "naive": "TREAD, naive order"}
 
@@ -56,13 +56,12 @@ def scan_gaps(cfg: dict, dataset, samples: int = 512, seed: int = 0) -> list[dic
     """One row per scan-based backbone of a study config and mode: the gap statistics of the blocks inside
     the study's route (for no routing: the same blocks reading the whole sequence), averaged over blocks."""
     study, rows = cfg["_study"], []
-    for backbone, (name, _) in study["backbones"].items():
+    for backbone in study["backbones"]:
         for mode in (m for m in MODES if m in study["modes"]):
-            run = {**cfg, "model": {**cfg["model"], "name": name, "kwargs": dict(study["backbones"][backbone][1])},
-                   "routing": {**cfg["routing"], "routes": [] if mode == "none" else study["routes"][backbone],
-                               "scan_consistent": mode != "naive"}}
-            name_, kwargs = model_spec(run, dataset)
-            model = create_model(name_, **kwargs)
+            # the study's own run config for this backbone and mode (run_dir unused: nothing is trained)
+            run = load_config(cfg["_path"], run_overrides(cfg, backbone, mode, seed, "runs"))
+            name, kwargs = model_spec(run, dataset)
+            model = create_model(name, **kwargs)
             if not hasattr(model, "scan_orders"):
                 break  # attention reads no order
             grid = getattr(model, "grid_positions", torch.arange(model.scan_orders.shape[1]))
