@@ -19,7 +19,7 @@ from tools.bench.report import write_outputs
 from tools.bench.router import benchmark_router, identity_blocks
 from tools.bench.specs import PRESETS, parse_spec
 from tools.bench.step import MODES, benchmark_step, build_step, routing_off, saved_activation_bytes, storage_id
-from tools.bench.study import grid, run_overrides, run_study
+from tools.bench.study import config_difference, grid, run_overrides, run_study
 from helpers import randomize_zero_parameters
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -251,16 +251,29 @@ def test_paired_equal_cost_matches_a_hand_computation():
     assert "naive" not in report.paired_equal_cost({"runs": runs})["ZigMa"]
 
 
-def test_study_table_and_plots(tmp_path):
+def test_study_table_and_plots(tmp_path, monkeypatch):
     runs = {report.run_key(b, m, s): fake_run(b, m, s, [10.0 + s, 5.0 + s], [0.5, 0.6])
-            for b in ("DiT", "ZigMa") for m in report.MODES for s in (0, 1)}
+            for b in ("DiT", "ZigMa") for m in report.MODES for s in (0, 1) if (b, m) != ("DiT", "naive")}
     data = {"runs": runs}
     table = report.markdown_table(data)
     assert "TREAD, scan-consistent" in table and "10.50 +- 0.71" in table
+    import matplotlib.figure
+
+    saved, savefig = [], matplotlib.figure.Figure.savefig
+
+    def keep_and_save(fig, *args, **kwargs):
+        saved.append(fig)
+        savefig(fig, *args, **kwargs)
+
+    monkeypatch.setattr(matplotlib.figure.Figure, "savefig", keep_and_save)
     for x in ("step", "compute", "train_wall_s"):
         path = tmp_path / f"{x}.png"
         report.plot_study(data, path, x=x)
         assert path.stat().st_size > 0
+    # the first column (DiT) has no naive-order runs: ZigMa's FID panel must name that mode itself
+    zigma_fid = saved[0].axes[1]
+    labels = [t.get_text() for t in zigma_fid.get_legend().get_texts()]
+    assert labels == [f"{report.MODE_LABELS[m]} (n=2)" for m in report.MODES]
 
 
 def test_study_trains_through_the_trainer_and_resumes(tmp_path):
@@ -301,6 +314,18 @@ def test_study_trains_through_the_trainer_and_resumes(tmp_path):
     first, second = data["runs"]["ZigMa|scan|0"], again["ZigMa|scan|0"]
     assert [r["step"] for r in second["losses"]] == [1, 2, 3, 4]
     assert [r["loss"] for r in second["losses"]] == pytest.approx([r["loss"] for r in first["losses"]], rel=1e-5)
+    # the same study file in another checkout still owns its runs: nothing is trained again or left out
+    moved = tmp_path / "elsewhere" / "tiny_study.py"
+    moved.parent.mkdir()
+    moved.write_text(config.read_text())
+    stamps = {p: p.stat().st_mtime_ns for p in (tmp_path / "runs").glob("*/eval.json")}
+    assert len(run_study(str(moved), tmp_path / "runs", seeds=[0])["runs"]) == 3
+    assert stamps == {p: p.stat().st_mtime_ns for p in stamps}
+    # a changed value does not: the study names it
+    moved.write_text(config.read_text().replace("lr=1e-3", "lr=2e-3"))
+    cfg = load_config(str(moved))
+    changed = load_config(str(moved), run_overrides(cfg, "ZigMa", "scan", 0, tmp_path / "runs"))
+    assert config_difference(changed) == "optim.lr was 0.001, is 0.002"
 
 
 def test_mnist_study_is_the_16x16_token_grid_of_equal_sized_models():

@@ -17,10 +17,10 @@ evaluations of 20 samples after each; it checks on a CPU, in seconds a run, that
 
 The results come from each run's own files: the evaluations of the EMA model (``eval.every``; digits
 FID and class accuracy) and the training time up to them (``train_wall_s``, ``train_cpu_s``) from
-metrics.jsonl. A run whose eval.json exists and whose config.json is the config it would get now is
-finished and skipped; an unfinished one with that config and a checkpoint (``train.ckpt_every``)
-continues from its newest checkpoint (``tools/train.py --resume``), any other starts over. So an
-interrupted study resumes where it stopped.
+metrics.jsonl. A run whose eval.json exists and whose config.json is the config it would get now
+(wherever the checkout lies) is finished and skipped; an unfinished one with that config and a checkpoint
+(``train.ckpt_every``) continues from its newest checkpoint (``tools/train.py --resume``), any other starts
+over, and the study names the key that differs. So an interrupted study resumes where it stopped.
 """
 
 from __future__ import annotations
@@ -79,20 +79,35 @@ def run_overrides(cfg: dict, backbone: str, mode: str, seed: int, runs_root: str
             "log.progress=false", *(DRY_RUN if dry_run else [])]
 
 
-def started_here(cfg: dict) -> bool:
-    """Whether the run dir holds a run of exactly the config ``cfg`` (its config.json; ``train.resume`` aside,
-    which a resumed run records as "auto")."""
+def config_difference(cfg: dict) -> str | None:
+    """Why the run dir does not hold a run of the config ``cfg``: "no config.json", "unreadable config.json"
+    or the first key whose value differs; None where it does. ``train.resume`` (a resumed run records "auto")
+    and ``_path`` (where the checkout lies) are not compared."""
     saved = Path(cfg["train"]["run_dir"]) / "config.json"
     if not saved.is_file():
-        return False
+        return "no config.json"
     try:
         ran = json.loads(saved.read_text())
     except ValueError:
-        return False
+        return "unreadable config.json"
     wanted = json.loads(to_json(cfg))
     for config in (ran, wanted):
         config.get("train", {}).pop("resume", None)
-    return ran == wanted
+        config.pop("_path", None)
+    for group in sorted(set(ran) | set(wanted)):
+        old, new = ran.get(group), wanted.get(group)
+        if isinstance(old, dict) and isinstance(new, dict):
+            for key in sorted(set(old) | set(new)):
+                if old.get(key) != new.get(key):
+                    return f"{group}.{key} was {old.get(key)!r}, is {new.get(key)!r}"
+        elif old != new:
+            return f"{group} was {old!r}, is {new!r}"
+    return None
+
+
+def started_here(cfg: dict) -> bool:
+    """Whether the run dir holds a run of exactly the config ``cfg`` (see :func:`config_difference`)."""
+    return config_difference(cfg) is None
 
 
 def is_finished(cfg: dict) -> bool:
@@ -142,6 +157,10 @@ def run_study(config_path: str, runs_root: str | os.PathLike, workers: int = 1, 
         seeds = list(cfg["_study"]["seeds"])[:1]
     todo = [(run, run_overrides(cfg, *run, runs_root, dry_run)) for run in grid(cfg, backbones, modes, seeds)]
     todo = [(run, overrides) for run, overrides in todo if not is_finished(load_config(config_path, overrides))]
+    for run, overrides in todo:
+        why = config_difference(load_config(config_path, overrides))
+        if why not in (None, "no config.json"):
+            print(f"starting over: {run_key(*run)} ran at another config ({why})")
     failed = []
     with ThreadPoolExecutor(max_workers=max(1, workers)) as pool, progress_bar(total=len(todo), desc="study runs") as bar:
         for (run, _), (code, log) in zip(todo, pool.map(lambda item: train_run(config_path, item[1]), todo)):
@@ -156,6 +175,8 @@ def run_study(config_path: str, runs_root: str | os.PathLike, workers: int = 1, 
         run_cfg = load_config(config_path, overrides)
         if is_finished(run_cfg):
             runs[run_key(*run)] = collect_run(run_cfg, *run)
+        elif (Path(run_cfg["train"]["run_dir"]) / "eval.json").is_file():
+            print(f"not counted: {run_key(*run)} finished at another config ({config_difference(run_cfg)})")
     study = json.loads(json.dumps(cfg["_study"]))
     return {"config": {**study, "file": config_path, "runs_dir": str(runs_root), "dry_run": dry_run},
             "meta": meta or {}, "runs": runs}

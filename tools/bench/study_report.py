@@ -282,7 +282,7 @@ def plot_study(data: dict, path: str | os.PathLike, x: str = "step") -> None:
                 ax.set_ylim(0, 1)
             ax.set_xlabel(xlabel)
             ax.grid(alpha=0.3)
-            if col == 0:
+            if row == 0 or col == 0:  # each FID panel names its own modes: DiT has no naive-order runs
                 ax.legend(fontsize=8)
     name = Path(data.get("config", {}).get("file", "study")).stem
     fig.suptitle(f"{name}: mean \u00b1 std over seeds (shaded), against {xlabel}")
