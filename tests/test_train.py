@@ -17,6 +17,7 @@ from ssm_tread.checkpoint import (
     save_checkpoint,
 )
 from ssm_tread.train.config import ConfigError, load_config
+from ssm_tread.train.distributed import cpu_threads_per_rank
 from ssm_tread.train.trainer import GlobalBatches, TrainingError, train
 
 TINY = ["model.name=DiT", "model.kwargs={'hidden_size': 32, 'depth': 3, 'num_heads': 2, 'patch_size': 4}",
@@ -24,6 +25,14 @@ TINY = ["model.name=DiT", "model.kwargs={'hidden_size': 32, 'depth': 3, 'num_hea
         "train.keep_last=5", "optim.lr=1e-3", "optim.warmup_steps=0", "optim.schedule=constant",
         "log.every=1", "log.tensorboard=false", "log.progress=false", "eval.num_samples=0",
         "sample.steps=2", "sample.grid_classes=[0, 1]", "sample.grid_per_class=2"]
+
+
+@pytest.mark.parametrize("cores, ranks, wanted, threads", [(2, 1, 2, 2), (2, 2, 2, 1), (16, 4, 8, 4), (1, 1, 2, 1),
+                                                           (8, 1, 3, 3), (2, 4, 2, 1)])
+def test_cpu_threads_never_exceed_the_cores_of_a_rank(monkeypatch, cores, ranks, wanted, threads):
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(cores)), raising=False)
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", str(ranks))
+    assert cpu_threads_per_rank(wanted) == threads
 
 
 def tiny(run_dir, *overrides):

@@ -1,8 +1,9 @@
 """What the ranks of a run share besides gradients: the global batch each takes its slice of, the Python
-objects they exchange, and the check that they agree before step 1 (on several nodes each node has its own
-command line and its own view of the files)."""
+objects they exchange, the check that they agree before step 1 (on several nodes each node has its own
+command line and its own view of the files), and a node's CPU cores."""
 from __future__ import annotations
 
+import os
 import socket
 from contextlib import contextmanager
 from pathlib import Path
@@ -43,6 +44,13 @@ def lost_ranks_stop_in_one_line(run):
                   "no checkpoint was written yet")
         raise LostRanks(f"lost the other ranks at step {run.step} ({cause}): a node died, hung past --timeout or "
                         f"was cut off, its own log says why; {resume}") from e
+
+
+def cpu_threads_per_rank(wanted: int) -> int:
+    """``wanted`` torch threads, at most this node's cores shared among its ranks (torchrun's
+    LOCAL_WORLD_SIZE): more threads than cores only wait on each other."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    return max(1, min(wanted, cores // int(os.environ.get("LOCAL_WORLD_SIZE", 1))))
 
 
 class GlobalBatches:

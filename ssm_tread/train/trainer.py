@@ -52,7 +52,8 @@ from ssm_tread.ops import allow_tf32, set_backend
 from ssm_tread.progress import progress_bar
 from ssm_tread.sampling import generate, grid_labels, load_vae, noise_shape, save_grid
 from ssm_tread.train.config import ConfigError, grid_classes, model_spec, run_dir_of, save_config
-from ssm_tread.train.distributed import GlobalBatches, check_ranks_agree, gather_objects, lost_ranks_stop_in_one_line
+from ssm_tread.train.distributed import (GlobalBatches, check_ranks_agree, cpu_threads_per_rank, gather_objects,
+                                        lost_ranks_stop_in_one_line)
 from ssm_tread.train.ema import EMA
 from ssm_tread.train.evaluation import Evaluation
 from ssm_tread.train.fsdp import (
@@ -242,7 +243,7 @@ def start_accelerator(tc: dict, timeout: float | None = None):
     accelerator = Accelerator(cpu=not cuda, mixed_precision="bf16" if cuda and tc["precision"] == "bf16" else "no",
                               kwargs_handlers=wait)
     if not cuda and tc["cpu_threads"]:
-        torch.set_num_threads(tc["cpu_threads"])
+        torch.set_num_threads(cpu_threads_per_rank(tc["cpu_threads"]))
     if cuda and tc["tf32"]:
         allow_tf32()
     return accelerator
