@@ -24,7 +24,8 @@ TINY = ["model.name=DiT", "model.kwargs={'hidden_size': 32, 'depth': 3, 'num_hea
         "routing.routes=[(1, 1, 0.5)]", "train.batch_size=8", "train.steps=4", "train.ckpt_every=2",
         "train.keep_last=5", "optim.lr=1e-3", "optim.warmup_steps=0", "optim.schedule=constant",
         "log.every=1", "log.tensorboard=false", "log.progress=false", "eval.num_samples=0",
-        "sample.steps=2", "sample.grid_classes=[0, 1]", "sample.grid_per_class=2"]
+        "sample.steps=2", "sample.grid_classes=[0, 1]", "sample.grid_per_class=2",
+        "train.cpu_threads=1"]  # one thread a process: tests start several processes on a 2-core machine
 
 
 @pytest.mark.parametrize("cores, ranks, wanted, threads", [(2, 1, 2, 2), (2, 2, 2, 1), (16, 4, 8, 4), (1, 1, 2, 1),
