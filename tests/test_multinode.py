@@ -355,6 +355,41 @@ def test_the_slurm_script_trains_on_two_nodes(latents, tmp_path):  # noqa: F811
     assert [step for step, _ in list_checkpoints(tmp_path / "run" / "checkpoints")] == [2, 4]
 
 
+# srun's options, then the command: the copy $COPIES times at once, as jobs that share a node (or nodes that share
+# LOCAL_LATENTS) would run it; the training command is written to $TRAIN_COMMAND instead of run
+COPY_ONLY_SRUN = """#!/bin/bash
+while [[ "$1" == --* ]]; do shift; done
+if [[ "$1" == python ]]; then printf '%s\\n' "$@" > "$TRAIN_COMMAND"; exit 0; fi
+pids=(); for copy in $(seq "$COPIES"); do "$@" & pids+=($!); done
+status=0; for pid in "${pids[@]}"; do wait "$pid" || status=1; done; exit $status
+"""
+
+
+def test_latent_copies_that_share_a_folder_leave_every_file_whole(tmp_path):
+    """Eight copies into one LOCAL_LATENTS at once, ten times over: each ends with every file byte for byte and
+    no copy left behind. (cp -r into the shared folder itself failed with 'File exists' in 7 of 10 such rounds.)"""
+    source = tmp_path / "latents"
+    source.mkdir()
+    files = {f"shard_{i:05d}.labels.npy": os.urandom(64 + i) for i in range(200)}
+    for name, data in files.items():
+        (source / name).write_bytes(data)
+    (tmp_path / "bin").mkdir()
+    for name, text in (("srun", COPY_ONLY_SRUN), ("scontrol", "#!/bin/bash\necho 127.0.0.1\n")):
+        (tmp_path / "bin" / name).write_text(text)
+        (tmp_path / "bin" / name).chmod(0o755)
+    scratch = tmp_path / "scratch"
+    env = {**os.environ, "PATH": f"{tmp_path / 'bin'}:{os.environ['PATH']}", "SLURM_JOB_NODELIST": "node[1-2]",
+           "SLURM_JOB_NUM_NODES": "2", "SLURM_JOB_ID": "7", "LATENTS": str(source), "LOCAL_LATENTS": str(scratch),
+           "COPIES": "8", "TRAIN_COMMAND": str(tmp_path / "train_command")}
+    for _ in range(10):
+        shutil.rmtree(scratch, ignore_errors=True)
+        done = subprocess.run(["bash", "tools/slurm/train.sbatch", "configs/quickstart.py"], cwd=ROOT, env=env,
+                              capture_output=True, text=True, timeout=60, check=False)
+        assert done.returncode == 0, done.stderr[-3000:]
+        assert {path.name: path.read_bytes() for path in scratch.iterdir()} == files
+    assert f"data.root={scratch}" in (tmp_path / "train_command").read_text().splitlines()
+
+
 if __name__ == "__main__":  # the training tool, recording its batches
     record_batches(os.environ["RECORD_BATCHES"])
     sys.argv = sys.argv[1:]
