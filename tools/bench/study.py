@@ -155,12 +155,16 @@ def run_study(config_path: str, runs_root: str | os.PathLike, workers: int = 1, 
     cfg, runs_root = load_config(config_path), Path(runs_root)
     if dry_run and seeds is None:
         seeds = list(cfg["_study"]["seeds"])[:1]
-    todo = [(run, run_overrides(cfg, *run, runs_root, dry_run)) for run in grid(cfg, backbones, modes, seeds)]
-    todo = [(run, overrides) for run, overrides in todo if not is_finished(load_config(config_path, overrides))]
-    for run, overrides in todo:
-        why = config_difference(load_config(config_path, overrides))
+    todo = []
+    for run in grid(cfg, backbones, modes, seeds):
+        overrides = run_overrides(cfg, *run, runs_root, dry_run)
+        run_cfg = load_config(config_path, overrides)
+        if is_finished(run_cfg):
+            continue
+        why = config_difference(run_cfg)
         if why not in (None, "no config.json"):
             print(f"starting over: {run_key(*run)} ran at another config ({why})")
+        todo.append((run, overrides))
     failed = []
     with ThreadPoolExecutor(max_workers=max(1, workers)) as pool, progress_bar(total=len(todo), desc="study runs") as bar:
         for (run, _), (code, log) in zip(todo, pool.map(lambda item: train_run(config_path, item[1]), todo)):
