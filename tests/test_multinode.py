@@ -335,13 +335,18 @@ status=0; for node in $(seq "$SLURM_JOB_NUM_NODES"); do wait -n || status=1; don
 """
 
 
+def slurm_stand_ins(folder, srun):
+    """``folder``/srun (the script ``srun``) and ``folder``/scontrol (every host is 127.0.0.1), for PATH."""
+    folder.mkdir()
+    for name, text in (("srun", srun), ("scontrol", "#!/bin/bash\necho 127.0.0.1\n")):
+        (folder / name).write_text(text)
+        (folder / name).chmod(0o755)
+
+
 @pytest.mark.slow
 def test_the_slurm_script_trains_on_two_nodes(latents, tmp_path):  # noqa: F811
     """tools/slurm/train.sbatch under a stand-in for srun (each task on this machine) and scontrol."""
-    (tmp_path / "bin").mkdir()
-    for name, text in (("srun", FAKE_SRUN), ("scontrol", "#!/bin/bash\necho 127.0.0.1\n")):
-        (tmp_path / "bin" / name).write_text(text)
-        (tmp_path / "bin" / name).chmod(0o755)
+    slurm_stand_ins(tmp_path / "bin", FAKE_SRUN)
     env = {**os.environ, "PATH": f"{tmp_path / 'bin'}:{Path(sys.executable).parent}:{os.environ['PATH']}",
            "OMP_NUM_THREADS": "1", "SLURM_JOB_NODELIST": "node[1-2]", "SLURM_JOB_NUM_NODES": "2", "SLURM_JOB_ID": "7",
            "RDZV_PORT": str(_free_port()), "NPROC_PER_NODE": "1", "LATENTS": str(latents),
@@ -373,10 +378,7 @@ def test_latent_copies_that_share_a_folder_leave_every_file_whole(tmp_path):
     files = {f"shard_{i:05d}.labels.npy": os.urandom(64 + i) for i in range(200)}
     for name, data in files.items():
         (source / name).write_bytes(data)
-    (tmp_path / "bin").mkdir()
-    for name, text in (("srun", COPY_ONLY_SRUN), ("scontrol", "#!/bin/bash\necho 127.0.0.1\n")):
-        (tmp_path / "bin" / name).write_text(text)
-        (tmp_path / "bin" / name).chmod(0o755)
+    slurm_stand_ins(tmp_path / "bin", COPY_ONLY_SRUN)
     scratch = tmp_path / "scratch"
     env = {**os.environ, "PATH": f"{tmp_path / 'bin'}:{os.environ['PATH']}", "SLURM_JOB_NODELIST": "node[1-2]",
            "SLURM_JOB_NUM_NODES": "2", "SLURM_JOB_ID": "7", "LATENTS": str(source), "LOCAL_LATENTS": str(scratch),
