@@ -330,8 +330,8 @@ def test_a_hung_node_fails_the_run_after_the_timeout(tmp_path):
 FAKE_SRUN = """#!/bin/bash
 # srun's options, then the command: run it once per node, all at once; fail if any fails
 while [[ "$1" == --* ]]; do shift; done
-for node in $(seq "$SLURM_JOB_NUM_NODES"); do "$@" & done
-status=0; for node in $(seq "$SLURM_JOB_NUM_NODES"); do wait -n || status=1; done; exit $status
+pids=(); for node in $(seq "$SLURM_JOB_NUM_NODES"); do "$@" & pids+=($!); done
+status=0; for pid in "${pids[@]}"; do wait "$pid" || status=1; done; exit $status
 """
 
 
