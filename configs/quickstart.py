@@ -21,7 +21,7 @@ diffusion["objective"] = "flow"
 data.update(name="digits", num_workers=0)
 optim.update(lr=5e-3, warmup_steps=50, schedule="cosine", min_lr=5e-4, grad_clip=1.0)
 train.update(steps=1500, batch_size=16, ema_decay=0.99, ckpt_every=250, keep_every=0,
-             cpu_threads=2)                     # on 2 cores 1.3-1.4x the speed of one thread, the same numbers
+             cpu_threads=2)                     # on 2 cores 1.3-1.4x one thread's speed (AMD), 0.7x (Intel)
 log.update(every=25, grid_every=0)
 sample.update(sampler="euler", steps=10, cfg_scale=1.5, batch_size=100, grid_classes=list(range(10)),
               grid_per_class=20, grid_cols=10)
